@@ -1,1 +1,35 @@
+"""peftvision: parameter-efficient fine-tuning (LoRA, Houlsby adapters, VPT) for timm ViT and Swin models.
+
+The public API is imported lazily so that `peftvision --help` does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_API = {
+    "inject": "peftvision.injection",
+    "param_report": "peftvision.freeze",
+    "get_state": "peftvision.freeze",
+    "save_adapter": "peftvision.export",
+    "load_adapter": "peftvision.export",
+    "merge": "peftvision.export",
+    "save_merged": "peftvision.export",
+    "export_peft": "peftvision.export",
+    "create_model": "peftvision.backbone",
+    "describe": "peftvision.backbone",
+    "list_methods": "peftvision.methods",
+    "register_method": "peftvision.methods",
+    "PeftVisionError": "peftvision.errors",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'peftvision' has no attribute {name!r}")

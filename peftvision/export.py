@@ -1,0 +1,267 @@
+"""Adapter files (save / load), merging into a plain timm model, and export to HF PEFT's format.
+
+An adapter directory holds `adapter.safetensors` -- only the method's tensors and the head -- and
+`adapter_config.json`: what to rebuild the base with, which method with which config, and fingerprints
+of the base it was trained on, checked on load. Nothing here is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import __version__
+from .backbone import ModelSpec, architecture_signature, create_model, describe, model_spec, weights_fingerprint
+from .errors import AdapterFileError, ConfigError, PeftVisionError
+from .freeze import PeftState, get_state, remove_eval_hook
+from .injection import inject
+from .methods import config_to_dict, get_method
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter.safetensors"
+FORMAT = "peftvision-adapter"
+FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call `write(tmp)` on a temp file next to `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a missing, truncated or foreign file gives one clear error."""
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise AdapterFileError(f"{path} not found")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for every kind of damage
+        raise AdapterFileError(
+            f"{path} is truncated or not a safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+            f"re-copy or re-train the adapter"
+        ) from None
+
+
+# ----------------------------------------------------------------------------- save
+
+def _require_state(model: nn.Module) -> PeftState:
+    state = get_state(model)
+    if state is None:
+        raise PeftVisionError("this model has no peftvision method; call peftvision.inject(model, method) first")
+    return state
+
+
+def adapter_config(model: nn.Module, class_names: list[str] | None = None) -> dict[str, Any]:
+    """The JSON description of an injected model's adapter."""
+    state = _require_state(model)
+    model = getattr(model, "module", model)
+    spec = model_spec(model)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    num_classes = getattr(model, "num_classes", None)
+    names = class_names if class_names is not None else state.class_names
+    if names is not None and num_classes is not None and len(names) != num_classes:
+        raise ConfigError(f"{len(names)} class names given for a head with {num_classes} classes")
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "peftvision_version": __version__,
+        "method": state.method,
+        "method_config": config_to_dict(state.config),
+        "model": {
+            "name": spec.name,
+            "architecture": state.backbone.architecture,
+            "kwargs": spec.kwargs,
+            "num_classes": num_classes,
+            "class_names": list(names) if names is not None else None,
+            "input_size": list(cfg.get("input_size", ())) or None,
+            "mean": list(cfg.get("mean", ())) or None,
+            "std": list(cfg.get("std", ())) or None,
+            "interpolation": cfg.get("interpolation"),
+            "crop_pct": cfg.get("crop_pct"),
+        },
+        "base_fingerprint": state.base_fingerprint,
+        "architecture_signature": state.architecture_signature,
+        "tensors": list(state.trainable_names),
+    }
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, class_names: list[str] | None = None) -> Path:
+    """Write `adapter.safetensors` (the method's tensors + head) and `adapter_config.json` to `directory`."""
+    config = adapter_config(model, class_names)
+    params = dict(getattr(model, "module", model).named_parameters())
+    directory = Path(directory)
+    save_tensors({n: params[n] for n in config["tensors"]}, directory / WEIGHTS_NAME, {"format": FORMAT})
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+# ----------------------------------------------------------------------------- load
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_NAME
+    if not Path(directory).is_dir():
+        raise AdapterFileError(f"adapter directory not found: {directory}")
+    if not path.is_file():
+        raise AdapterFileError(f"{directory} has no {CONFIG_NAME}: is it a directory written by save_adapter / finetune?")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{path} is not valid JSON ({e}); the file is damaged") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise AdapterFileError(f"{path} is not a peftvision adapter config (an HF PEFT directory? load it with peft)")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise AdapterFileError(f"{path} was written by a newer peftvision ({config.get('peftvision_version')}); upgrade")
+    for key in ("method", "method_config", "model", "base_fingerprint", "architecture_signature", "tensors"):
+        if key not in config:
+            raise AdapterFileError(f"{path} lacks the field {key!r}; the file is damaged")
+    return config
+
+
+def load_adapter(
+    directory: str | os.PathLike,
+    model: nn.Module | None = None,
+    checkpoint: str | None = None,
+    pretrained: bool = True,
+    ignore_fingerprint: bool = False,
+) -> nn.Module:
+    """Rebuild the base model, inject the method and load the adapter's tensors.
+
+    Args:
+        directory: a directory written by `save_adapter`.
+        model: a base timm model to put the adapter on, instead of building one with timm.
+        checkpoint: a local weights file for the base (instead of downloading it from the hub).
+        pretrained: build the base with pretrained weights (False only for tests / full fine-tuning).
+        ignore_fingerprint: accept base weights that differ from those the adapter was trained on.
+    """
+    config = read_adapter_config(directory)
+    tensors = load_tensors(Path(directory) / WEIGHTS_NAME)  # validate the file before any heavy work
+    method = get_method(config["method"])
+    info = config["model"]
+    if model is None:
+        needs_base = pretrained and not method.saves_backbone
+        model = create_model(
+            info["name"], pretrained=needs_base, checkpoint=checkpoint if needs_base else None,
+            num_classes=info.get("num_classes"), **(info.get("kwargs") or {}),
+        )
+    elif get_state(model) is not None:
+        raise PeftVisionError("the given model already has a method injected; pass a plain timm model")
+    backbone = describe(model)
+    if architecture_signature(model, backbone) != config["architecture_signature"]:
+        raise AdapterFileError(
+            f"adapter in {directory} was trained on {info.get('name')} ({config['architecture_signature']}), "
+            f"but the base model is {backbone.architecture} with a different architecture"
+        )
+    if not (ignore_fingerprint or method.saves_backbone):
+        if weights_fingerprint(model, backbone) != config["base_fingerprint"]:
+            raise AdapterFileError(
+                f"the base weights differ from those the adapter in {directory} was trained on "
+                f"({info.get('name')}); load the same checkpoint, or pass ignore_fingerprint=True / --ignore-fingerprint"
+            )
+    inject(model, config["method"], **config["method_config"])
+    state = _require_state(model)
+    _copy_tensors(model, state, tensors, directory)
+    names = info.get("class_names")
+    state.class_names = list(names) if names is not None else None
+    model.peftvision_spec = ModelSpec(info["name"], dict(info.get("kwargs") or {}))
+    return model
+
+
+def _copy_tensors(model: nn.Module, state: PeftState, tensors: dict[str, torch.Tensor], directory: Any) -> None:
+    expected = set(state.trainable_names)
+    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or extra:
+        raise AdapterFileError(
+            f"{directory}/{WEIGHTS_NAME} does not fit {state.method} on this model: "
+            f"missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in state.trainable_names:
+            src, dst = tensors[name], params[name]
+            if src.shape != dst.shape:
+                raise AdapterFileError(
+                    f"{directory}: tensor {name} has shape {tuple(src.shape)}, the model expects {tuple(dst.shape)} "
+                    f"(different num_classes or method config?)"
+                )
+            dst.copy_(src)
+
+
+# ----------------------------------------------------------------------------- merge
+
+def merge(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Fold the method into the base weights: a plain timm model with exactly timm's state-dict keys.
+
+    Args:
+        model: an injected model whose method can merge (see `Method.mergeable`).
+        inplace: modify `model` itself instead of a copy.
+    """
+    state = _require_state(model)
+    method = get_method(state.method)
+    reason = method.mergeable(state.config)
+    if reason is not None:
+        raise PeftVisionError(f"cannot merge: {reason}")
+    merged = model if inplace else copy.deepcopy(model)
+    method.merge(merged, state.backbone, state.config)
+    remove_eval_hook(merged)
+    del merged.peftvision_state
+    for p in merged.parameters():
+        p.requires_grad_(True)
+    return merged
+
+
+def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Merge and write a timm-loadable safetensors checkpoint (`pretrained_cfg_overlay=dict(file=...)`)."""
+    merged = merge(model)
+    save_tensors(merged.state_dict(), path)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- HF PEFT export
+
+def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write an HF PEFT adapter directory that `peft.PeftModel.from_pretrained(timm_model, dir)` loads."""
+    state = _require_state(model)
+    model = getattr(model, "module", model)
+    peft_config, factors = get_method(state.method).to_peft(model, state.backbone, state.config)
+    # the head trains with every method: PEFT calls that `modules_to_save`
+    peft_config.modules_to_save = sorted({n.rsplit(".", 1)[0] for n in state.head_names}) or None
+    peft_config.base_model_name_or_path = model_spec(model).name
+    peft_config.inference_mode = True
+    params = dict(model.named_parameters())
+    tensors = {**factors, **{name: params[name] for name in state.head_names}}
+    tensors = {"base_model.model." + k: v for k, v in tensors.items()}
+    directory = Path(directory)
+    save_tensors(tensors, directory / "adapter_model.safetensors", {"format": "pt"})
+    atomic_write_text(directory / "adapter_config.json", json.dumps(peft_config.to_dict(), indent=2, default=list) + "\n")
+    return directory

@@ -1,0 +1,120 @@
+"""Which parameters train, which modules stay in eval mode, and how many parameters that is.
+
+Frozen modules run in eval mode even while the model trains, as in the VPT code: dropout, drop-path
+and attention dropout of a frozen backbone stay off, because they were tuned for training the whole
+network. A forward pre-hook on the root re-applies this after every `model.train()`, so it survives
+trainers, DDP wrappers and `accelerate` without them knowing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .backbone import Backbone
+
+
+@dataclass
+class PeftState:
+    """Everything peftvision attaches to an injected model (as `model.peftvision_state`)."""
+
+    method: str
+    config: Any  # the method's config dataclass
+    backbone: Backbone
+    base_fingerprint: str
+    architecture_signature: str
+    trainable_names: list[str]  # parameters saved in the adapter file: the method's, then the head's
+    head_names: list[str]
+    frozen_modules: list[nn.Module] = field(default_factory=list)
+    class_names: list[str] | None = None
+
+
+def get_state(model: nn.Module) -> PeftState | None:
+    model = getattr(model, "module", model)  # unwrap DDP
+    state = getattr(model, "peftvision_state", None)
+    return state if isinstance(state, PeftState) else None
+
+
+def _keep_frozen_in_eval(model: nn.Module, args: Any) -> None:
+    if model.training:
+        for m in model.peftvision_state.frozen_modules:
+            m.training = False
+
+
+def apply_freeze(model: nn.Module, backbone: Backbone, trainable: list[nn.Parameter], freeze_backbone: bool) -> tuple[list[str], list[str], list[nn.Module]]:
+    """Set requires_grad on exactly `trainable` + the head; return (method names, head names, frozen modules)."""
+    keep = {id(p) for p in trainable}
+    method_names, head_names = [], []
+    for name, p in model.named_parameters():
+        is_head = backbone.is_head(name.rsplit(".", 1)[0])
+        p.requires_grad_(is_head or id(p) in keep)
+        if is_head:
+            head_names.append(name)
+        elif id(p) in keep:
+            method_names.append(name)
+    frozen: list[nn.Module] = []
+    if freeze_backbone:
+        from .methods import PeftModule
+
+        live: set[int] = set()
+        for name, m in model.named_modules():
+            if isinstance(m, PeftModule) or (name and backbone.is_head(name)):
+                live.update(id(x) for x in m.modules())
+        frozen = [m for m in model.modules() if id(m) not in live and m is not model]
+    return method_names, head_names, frozen
+
+
+def install_eval_hook(model: nn.Module) -> None:
+    model.register_forward_pre_hook(_keep_frozen_in_eval)
+
+
+def remove_eval_hook(model: nn.Module) -> None:
+    # by value, not by handle: a deepcopy'd model holds a copy of the hook dict but the original's handle
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is _keep_frozen_in_eval:
+            del model._forward_pre_hooks[key]
+
+
+@dataclass
+class ParamReport:
+    """Parameter counts of an injected model. `total` counts every parameter, the method's included."""
+
+    method: str
+    method_params: int
+    head_params: int
+    total: int
+
+    @property
+    def trainable(self) -> int:
+        return self.method_params + self.head_params
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(
+            method=self.method, method_params=self.method_params, head_params=self.head_params,
+            trainable=self.trainable, total=self.total, percent=self.percent,
+        )
+
+    def __str__(self) -> str:
+        return (
+            f"{self.method}: trainable {self.trainable:,} of {self.total:,} ({self.percent:.3f}%) = "
+            f"method {self.method_params:,} + head {self.head_params:,}"
+        )
+
+
+def param_report(model: nn.Module) -> ParamReport:
+    """Trainable / total / percent, split into the method's parameters and the head's."""
+    from .errors import PeftVisionError
+
+    state = get_state(model)
+    if state is None:
+        raise PeftVisionError("this model has no peftvision method; call peftvision.inject(model, method) first")
+    params = dict(getattr(model, "module", model).named_parameters())
+    count = lambda names: sum(params[n].numel() for n in names)  # noqa: E731
+    method_names = [n for n in state.trainable_names if n not in set(state.head_names)]
+    return ParamReport(state.method, count(method_names), count(state.head_names), sum(p.numel() for p in params.values()))

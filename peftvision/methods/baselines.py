@@ -1,0 +1,67 @@
+"""The baselines every PEFT comparison reports: linear probing, full fine-tuning, BitFit.
+
+None of them adds modules; they only choose which existing parameters train, so each "merges"
+trivially: the trained model already is a plain timm model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from torch import nn
+
+from ..backbone import Backbone
+from ._registry import Method, register_method
+
+
+@dataclass
+class NoOptions:
+    """This method has no hyperparameters of its own (only the trainer's lr, weight decay, ...)."""
+
+
+class _Baseline(Method):
+    config_cls = NoOptions
+
+    def mergeable(self, config: NoOptions) -> str | None:
+        return None
+
+    def merge(self, model: nn.Module, backbone: Backbone, config: NoOptions) -> None:
+        return None
+
+
+@register_method
+class Linear(_Baseline):
+    """Only the classifier head trains (the frozen backbone is a feature extractor)."""
+
+    name = "linear"
+
+    def trainable_parameters(self, model: nn.Module, backbone: Backbone, config: NoOptions) -> Iterator[nn.Parameter]:
+        return iter(())
+
+
+@register_method
+class Full(_Baseline):
+    """Every weight trains, and dropout / drop-path behave as timm configured them."""
+
+    name = "full"
+    freeze_backbone = False
+    saves_backbone = True
+
+    def trainable_parameters(self, model: nn.Module, backbone: Backbone, config: NoOptions) -> Iterator[nn.Parameter]:
+        return model.parameters()
+
+
+@register_method
+class BitFit(_Baseline):
+    """Every bias term trains (Linear, LayerNorm, patch-embedding conv, q/v biases), plus the head
+    (Ben Zaken et al., 2022)."""
+
+    name = "bitfit"
+
+    def trainable_parameters(self, model: nn.Module, backbone: Backbone, config: NoOptions) -> Iterator[nn.Parameter]:
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                # `bias`, and the separate q_bias / v_bias of BEiT- and EVA-style attention
+                if name == "bias" or name.endswith("_bias"):
+                    yield p

@@ -1,0 +1,208 @@
+"""LoRA (Hu et al., 2021) on the q, k, v slices of timm's fused `attn.qkv`, and optionally on proj/fc1/fc2.
+
+timm computes q, k and v with one Linear (rows ordered q, k, v). A LoRA on the q and v slices only
+is a LoRA of rank r x (number of slices) on the whole qkv whose B is block-structured: B's rows of an
+untargeted slice are zero. We keep the factors compact -- A stacks the slices' A's, B holds one
+(width, r) block per slice -- and compute all slices with one matmul for A and one batched matmul for B,
+so no delta-W is ever materialised while training.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..backbone import Backbone
+from ..errors import ConfigError
+from ._registry import Method, PeftModule, register_method
+
+QKV_SLICES = ("q", "k", "v")
+EXTRA_TARGETS = {"proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8  # rank; 8 is the setting of the VTAB-1k results in the PETL literature
+    alpha: float = 8.0  # the update is scaled by alpha / r, so alpha = r means scale 1
+    dropout: float = 0.0  # dropout on the LoRA branch's input only
+    targets: tuple[str, ...] = ("q", "v")  # subset of q, k, v (inside attn.qkv) and proj, fc1, fc2
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
+        self.targets = tuple(self.targets)
+        bad = [t for t in self.targets if t not in QKV_SLICES and t not in EXTRA_TARGETS]
+        if bad or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ValueError(
+                f"targets must be distinct names among {', '.join(QKV_SLICES + tuple(EXTRA_TARGETS))}; got {self.targets}"
+            )
+        if int(self.r) != self.r or self.r < 1:
+            raise ValueError(f"r must be a positive integer, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class LoRALinear(PeftModule):
+    """A Linear plus a low-rank update on some of its equal-width output slices.
+
+    `slices` index the output rows in blocks of `out_features // num_slices` (3 slices for a fused qkv,
+    1 for a plain Linear). The original layer is kept as `base_layer`, as in HF PEFT.
+    """
+
+    def __init__(
+        self, base_layer: nn.Linear, slices: Sequence[int], num_slices: int, r: int, alpha: float, dropout: float
+    ) -> None:
+        super().__init__()
+        if base_layer.out_features % num_slices:
+            raise ConfigError(f"cannot split {base_layer.out_features} outputs into {num_slices} slices")
+        self.base_layer = base_layer
+        self.slices = tuple(slices)
+        self.num_slices = num_slices
+        self.width = base_layer.out_features // num_slices
+        self.r = r
+        self.scaling = alpha / r
+        t = len(self.slices)
+        factory = dict(device=base_layer.weight.device, dtype=base_layer.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(t * r, base_layer.in_features, **factory))  # (T*r, in)
+        self.lora_B = nn.Parameter(torch.zeros(t, self.width, r, **factory))  # (T, width, r): B = 0 at init
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and HF PEFT
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    # Some timm attentions (BEiT, EVA, SwinV2) call F.linear(x, qkv.weight, own_bias) instead of qkv(x).
+    # Exposing the effective weight keeps LoRA correct there too (at the cost of forming delta-W).
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        return w if self.merged else w + self.delta_weight()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update (out, in) that `merge` adds: scaling * B_t @ A_t on each targeted slice."""
+        t, w, r = self.lora_B.shape
+        a = self.lora_A.view(t, r, -1)  # (T, r, in)
+        blocks = torch.bmm(self.lora_B, a) * self.scaling  # (T, width, in)
+        delta = self.lora_A.new_zeros(self.num_slices, w, a.shape[-1])
+        delta[list(self.slices)] = blocks
+        return delta.view(self.num_slices * w, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)  # (..., out)
+        if self.merged:
+            return out
+        t, w, r = self.lora_B.shape
+        z = self.lora_dropout(x) @ (self.lora_A.t() * self.scaling)  # (..., T*r): one matmul for all slices
+        if t == 1:
+            delta = (z @ self.lora_B[0].t()).unsqueeze(-2)  # (..., 1, width)
+        else:
+            delta = torch.einsum("...tr,twr->...tw", z.unflatten(-1, (t, r)), self.lora_B)  # (..., T, width)
+        if t == self.num_slices:
+            return out + delta.flatten(-2)
+        out = out.unflatten(-1, (self.num_slices, w))  # (..., S, width), a view of a fresh tensor
+        for i, s in enumerate(self.slices):
+            out[..., s, :] += delta[..., i, :]
+        return out.flatten(-2)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base_layer.weight += self.delta_weight()
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base_layer.weight -= self.delta_weight()
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        names = [QKV_SLICES[s] for s in self.slices] if self.num_slices == 3 else ["all"]
+        return f"r={self.r}, scaling={self.scaling:g}, slices={names}"
+
+
+def _lora_sites(backbone: Backbone, config: LoRAConfig) -> list[tuple[str, str, list[int], int]]:
+    """(block name, child path, slice indices, number of slices) for every layer LoRA goes on."""
+    qkv = [QKV_SLICES.index(t) for t in QKV_SLICES if t in config.targets]  # keep q, k, v order
+    sites = []
+    for block in backbone.blocks:
+        if qkv:
+            sites.append((block.name, "attn.qkv", qkv, 3))
+        for t in config.targets:
+            if t in EXTRA_TARGETS:
+                sites.append((block.name, EXTRA_TARGETS[t], [0], 1))
+    return sites
+
+
+@register_method
+class LoRA(Method):
+    name = "lora"
+    config_cls = LoRAConfig
+
+    def inject(self, model: nn.Module, backbone: Backbone, config: LoRAConfig) -> None:
+        for block_name, child, slices, num_slices in _lora_sites(backbone, config):
+            block = next(b for b in backbone.blocks if b.name == block_name)
+            base = backbone.linear(model, block, child)
+            wrapped = LoRALinear(base, slices, num_slices, int(config.r), config.alpha, config.dropout)
+            parent, leaf = f"{block_name}.{child}".rsplit(".", 1)
+            setattr(model.get_submodule(parent), leaf, wrapped)
+
+    def mergeable(self, config: LoRAConfig) -> str | None:
+        return None
+
+    def merge(self, model: nn.Module, backbone: Backbone, config: LoRAConfig) -> None:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LoRALinear):
+                module.merge()
+                parent, leaf = name.rsplit(".", 1)
+                setattr(model.get_submodule(parent), leaf, module.base_layer)
+
+    def to_peft(self, model: nn.Module, backbone: Backbone, config: LoRAConfig) -> tuple[Any, dict[str, torch.Tensor]]:
+        """A LoRA on T slices of a Linear is a rank r*T LoRA on the whole Linear with block-structured B.
+
+        HF PEFT scales by lora_alpha / rank, so a rank-r*T module gets alpha*T to keep our alpha / r.
+        """
+        from peft import LoraConfig
+
+        tensors: dict[str, torch.Tensor] = {}
+        rank_pattern: dict[str, int] = {}
+        alpha_pattern: dict[str, float] = {}
+        for name, m in model.named_modules():
+            if not isinstance(m, LoRALinear):
+                continue
+            t, w, r = m.lora_B.shape
+            b_full = m.lora_B.new_zeros(m.num_slices * w, t * r)  # (out, T*r)
+            for i, s in enumerate(m.slices):
+                b_full[s * w:(s + 1) * w, i * r:(i + 1) * r] = m.lora_B[i]
+            tensors[f"{name}.lora_A.weight"] = m.lora_A.detach()
+            tensors[f"{name}.lora_B.weight"] = b_full.detach()
+            if t != 1:
+                rank_pattern[re.escape(name)] = r * t
+                alpha_pattern[re.escape(name)] = config.alpha * t
+        names = "|".join(re.escape(n.rsplit(".lora_A", 1)[0]) for n in tensors if n.endswith("lora_A.weight"))
+        peft_config = LoraConfig(
+            r=int(config.r),
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=rf"^(?:{names})$",
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
+            bias="none",
+            task_type=None,
+        )
+        return peft_config, tensors

@@ -1,0 +1,253 @@
+"""Visual Prompt Tuning (Jia et al., 2022): learnable prompt tokens, shallow (input only) or deep (every block).
+
+The backbone's modules are not copied or subclassed: prompts enter through forward hooks on timm's own
+blocks, so the unprompted path is timm's code, unchanged, and state-dict keys keep timm's names.
+
+ViT family
+    Prompts go right after the prefix tokens (class, register, distillation), without position
+    embeddings. Shallow: inserted before the first block and carried through. Deep: before every block
+    the prompt slots are overwritten by that block's own prompts. After the last block the prompt slots
+    are removed, so the final norm, pooling and head read exactly the tokens they read before.
+
+Swin family (the VPT authors' design for windowed attention)
+    Prompts are prepended to *every* attention window: they act as queries and keys there, with the
+    relative-position bias and the shifted-window mask padded with zeros for them. Their outputs are
+    averaged over the windows of their image, added to their input (the block's residual) and sent
+    through the block's MLP like any token. Shallow prompts are carried from block to block and, at a
+    patch-merging step, into the next stage by repeating their channels 4x through the merge's own norm
+    and reduction. Deep prompts are new at every block, each with its stage's width; their outputs are
+    not used. Image tokens never contain prompts, so the head sees timm's usual features.
+    Windows are ordered image-major as timm's `window_partition` orders them (the authors' code
+    interleaves images there, mixing samples' shallow prompts when the batch is larger than 1).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbone import Backbone
+from ..errors import UnsupportedModelError
+from ._registry import Method, PeftModule, register_method
+
+
+@dataclass
+class VPTConfig:
+    num_tokens: int = 10  # prompts per layer; VPT reports 1-200 per task, 10 is its common middle ground
+    dropout: float = 0.0  # dropout on the prompt embeddings (VPT searches 0.0 and 0.1)
+
+    def __post_init__(self) -> None:
+        if int(self.num_tokens) != self.num_tokens or self.num_tokens < 1:
+            raise ValueError(f"num_tokens must be a positive integer, got {self.num_tokens}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def _xavier_prompts(shape: tuple[int, ...], patch_size: tuple[int, int], ref: torch.Tensor) -> nn.Parameter:
+    """VPT's init: uniform(-v, v) with v = sqrt(6 / (3 * patch_area + width)), Xavier for the patch embedding."""
+    val = math.sqrt(6.0 / float(3 * patch_size[0] * patch_size[1] + shape[-1]))
+    p = torch.empty(shape, device=ref.device, dtype=ref.dtype)
+    nn.init.uniform_(p, -val, val)
+    return nn.Parameter(p)
+
+
+def _check_vit_fits(model: nn.Module, backbone: Backbone) -> None:
+    """Prompts change the sequence length: attentions with per-position terms cannot take them."""
+    block = model.get_submodule(backbone.blocks[0].name)
+    attn = getattr(block, "attn", None)
+    per_position = [
+        n for n in ("relative_position_bias_table", "rel_pos") if getattr(attn, n, None) is not None
+    ] + [n for n in ("rope", "rel_pos_bias") if getattr(model, n, None) is not None]
+    if per_position:
+        raise UnsupportedModelError(
+            f"{backbone.architecture}: its attention has position-dependent terms ({', '.join(per_position)}) "
+            f"that extra prompt tokens would break; use lora or adapter with this model"
+        )
+
+
+class ViTPrompts(PeftModule):
+    """Prompt tokens for a ViT-family model; `prompts` is (layers, P, D) with layers = 1 (shallow) or depth."""
+
+    def __init__(self, model: nn.Module, backbone: Backbone, config: VPTConfig, deep: bool) -> None:
+        super().__init__()
+        ref = next(model.parameters())
+        layers = len(backbone.blocks) if deep else 1
+        self.prompts = _xavier_prompts((layers, int(config.num_tokens), backbone.blocks[0].dim), backbone.patch_size, ref)
+        self.dropout = nn.Dropout(config.dropout)
+        self.npt = backbone.num_prefix_tokens
+        self.deep = deep
+
+    def _prompt(self, layer: int, batch: int) -> torch.Tensor:
+        return self.dropout(self.prompts[layer]).unsqueeze(0).expand(batch, -1, -1)  # (B, P, D)
+
+    def insert(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        x = args[0]  # (B, npt + N, D)
+        p = self._prompt(0, x.shape[0])
+        return (torch.cat([x[:, : self.npt], p, x[:, self.npt :]], dim=1), *args[1:]), kwargs
+
+    def replace(self, layer: int) -> Any:
+        def hook(block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            x = args[0]  # (B, npt + P + N, D)
+            p = self._prompt(layer, x.shape[0])
+            n = self.npt + self.prompts.shape[1]
+            return (torch.cat([x[:, : self.npt], p, x[:, n:]], dim=1), *args[1:]), kwargs
+
+        return hook
+
+    def remove(self, block: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        n = self.npt + self.prompts.shape[1]
+        return torch.cat([output[:, : self.npt], output[:, n:]], dim=1)
+
+    def attach(self, model: nn.Module, backbone: Backbone) -> None:
+        blocks = [model.get_submodule(b.name) for b in backbone.blocks]
+        blocks[0].register_forward_pre_hook(self.insert, with_kwargs=True)
+        if self.deep:
+            for i, block in enumerate(blocks[1:], start=1):
+                block.register_forward_pre_hook(self.replace(i), with_kwargs=True)
+        blocks[-1].register_forward_hook(self.remove)
+
+
+class _SwinCarry:
+    """Per-forward state shared by the hooks and the patched attentions (not a module: no parameters)."""
+
+    def __init__(self) -> None:
+        self.prompts: torch.Tensor | None = None  # (B, P, C) prompts entering the current block
+        self.normed: torch.Tensor | None = None  # norm1(prompts), read by the block's attention
+        self.attn_out: torch.Tensor | None = None  # (B, P, C) attention output, averaged over windows
+
+
+def _prompted_window_attention(attn: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """timm's WindowAttention with prompts prepended to every window; timm's own forward when unprompted."""
+    carry: _SwinCarry = attn._vpt_carry
+    if carry.normed is None:
+        return type(attn).forward(attn, x, mask=mask)
+    prompts, carry.normed = carry.normed, None
+    b, p, c = prompts.shape
+    bw, n, _ = x.shape  # (B * nW, N, C), windows image-major
+    num_windows = bw // b
+    x = torch.cat([prompts.repeat_interleave(num_windows, dim=0), x], dim=1)  # (B*nW, P+N, C)
+    qkv = attn.qkv(x).reshape(bw, p + n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # (B*nW, heads, P+N, head_dim)
+    bias = F.pad(attn._get_rel_pos_bias(), (p, 0, p, 0))  # (1, heads, P+N, P+N), zero for prompts
+    if mask is not None:  # (nW, N, N) shift mask: prompts see and are seen by every token
+        mask = F.pad(mask, (p, 0, p, 0)).to(bias.dtype)
+        bias = (bias.unsqueeze(1) + mask.unsqueeze(1).unsqueeze(0)).expand(bw // mask.shape[0], -1, -1, -1, -1)
+        bias = bias.reshape(bw, attn.num_heads, p + n, p + n)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias.to(q.dtype), dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale
+    )
+    out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(bw, p + n, -1)))  # (B*nW, P+N, C)
+    carry.attn_out = out[:, :p].reshape(b, num_windows, p, c).mean(dim=1)
+    return out[:, p:]
+
+
+class SwinPrompts(PeftModule):
+    """Prompt tokens for a Swin-family model: shallow (1, P, C0), or deep, one (blocks, P, C_s) per stage."""
+
+    def __init__(self, model: nn.Module, backbone: Backbone, config: VPTConfig, deep: bool) -> None:
+        super().__init__()
+        ref = next(model.parameters())
+        tokens = int(config.num_tokens)
+        if deep:
+            shapes = [
+                (sum(b.stage == s for b in backbone.blocks), tokens, next(b.dim for b in backbone.blocks if b.stage == s))
+                for s in range(len(backbone.stage_names))
+            ]
+        else:
+            shapes = [(1, tokens, backbone.blocks[0].dim)]
+        self.prompts = nn.ParameterList(_xavier_prompts(s, backbone.patch_size, ref) for s in shapes)
+        self.dropout = nn.Dropout(config.dropout)
+        self.deep = deep
+        self.carry = _SwinCarry()
+
+    def attach(self, model: nn.Module, backbone: Backbone) -> None:
+        first, last = (model.get_submodule(b.name) for b in (backbone.blocks[0], backbone.blocks[-1]))
+        first.register_forward_pre_hook(self._start)  # before the first block's own hook
+        if not self.deep:
+            for stage in backbone.stage_names[1:]:
+                downsample = getattr(model.get_submodule(stage), "downsample", None)
+                if downsample is None or not hasattr(downsample, "reduction"):
+                    raise UnsupportedModelError(
+                        f"{backbone.architecture}: {stage} has no patch merging with norm and reduction; "
+                        f"use vpt-deep, lora or adapter with this model"
+                    )
+                downsample.register_forward_pre_hook(self._merge)
+        index_in_stage: dict[int, int] = {}
+        for info in backbone.blocks:
+            j = index_in_stage[info.stage] = index_in_stage.get(info.stage, -1) + 1
+            block = model.get_submodule(info.name)
+            attn = block.attn
+            if not hasattr(attn, "_get_rel_pos_bias") or not hasattr(attn, "qkv"):
+                raise UnsupportedModelError(
+                    f"{backbone.architecture}: {info.name}.attn is not timm's WindowAttention; "
+                    f"use lora or adapter with this model"
+                )
+            attn._vpt_carry = self.carry
+            attn.forward = types.MethodType(_prompted_window_attention, attn)
+            block.register_forward_pre_hook(self._before_block(info.stage, j))
+            if not self.deep and block is not last:  # deep prompts' outputs are never read
+                block.register_forward_hook(self._after_block)
+        last.register_forward_hook(self._end)
+
+    # -- hooks; shapes: prompts (B, P, C)
+    def _start(self, block: nn.Module, args: tuple) -> None:
+        self.carry.prompts = self.carry.normed = self.carry.attn_out = None
+        if not self.deep:  # args[0]: (B, H, W, C)
+            self.carry.prompts = self.dropout(self.prompts[0][0]).unsqueeze(0).expand(args[0].shape[0], -1, -1)
+
+    def _end(self, block: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.carry.prompts = self.carry.normed = self.carry.attn_out = None  # free the graph's references
+
+    def _merge(self, downsample: nn.Module, args: tuple) -> None:
+        p = self.carry.prompts
+        if p is not None:  # the 2x2 neighbours of a prompt are itself
+            self.carry.prompts = downsample.reduction(downsample.norm(torch.cat([p, p, p, p], dim=-1)))
+
+    def _before_block(self, stage: int, index: int) -> Any:
+        def hook(block: nn.Module, args: tuple) -> None:
+            if self.deep:
+                batch = args[0].shape[0]
+                self.carry.prompts = self.dropout(self.prompts[stage][index]).unsqueeze(0).expand(batch, -1, -1)
+            if self.carry.prompts is not None:
+                self.carry.normed = block.norm1(self.carry.prompts)
+
+        return hook
+
+    def _after_block(self, block: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        p = self.carry.prompts + block.drop_path1(self.carry.attn_out)
+        self.carry.prompts = p + block.drop_path2(block.mlp(block.norm2(p)))
+
+
+class _VPT(Method):
+    config_cls = VPTConfig
+    deep: bool
+
+    def inject(self, model: nn.Module, backbone: Backbone, config: VPTConfig) -> None:
+        if backbone.family == "vit":
+            _check_vit_fits(model, backbone)
+            prompts: ViTPrompts | SwinPrompts = ViTPrompts(model, backbone, config, self.deep)
+        else:
+            prompts = SwinPrompts(model, backbone, config, self.deep)
+        prompts.attach(model, backbone)
+        model.vpt = prompts
+
+    def mergeable(self, config: VPTConfig) -> str | None:
+        return f"{self.name} adds prompt tokens to the input sequence, which no weight of the base can hold; ship the adapter file instead"
+
+
+@register_method
+class VPTShallow(_VPT):
+    name = "vpt-shallow"
+    deep = False
+
+
+@register_method
+class VPTDeep(_VPT):
+    name = "vpt-deep"
+    deep = True

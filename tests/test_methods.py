@@ -1,0 +1,339 @@
+"""Every registered method on every backbone family: shapes, trainable sets, identities at init, eval policy."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import peftvision as pv
+from peftvision.errors import ConfigError, PeftVisionError, UnsupportedModelError
+
+from conftest import FAMILIES, make_input, make_model, randomize_trainable
+
+METHODS = pv.list_methods()
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks, found here independently of peftvision.backbone."""
+    if hasattr(model, "blocks"):
+        return list(model.blocks)
+    return [b for stage in model.layers for b in stage.blocks]
+
+
+def expected_method_params(method: str, base: nn.Module, opts: dict) -> int:
+    """Closed-form count of the parameters a method adds or unfreezes (head excluded)."""
+    blocks = _blocks(base)
+    dims = [b.norm1.normalized_shape[0] for b in blocks]
+    hidden = [b.mlp.fc1.out_features for b in blocks]
+    if method == "linear":
+        return 0
+    if method == "full":
+        return sum(p.numel() for n, p in base.named_parameters() if not n.startswith("head"))
+    if method == "bitfit":
+        return sum(p.numel() for n, p in base.named_parameters() if n.endswith("bias") and not n.startswith("head"))
+    if method == "lora":
+        r, targets = opts.get("r", 8), opts.get("targets", ("q", "v"))
+        qkv = sum(t in targets for t in "qkv")
+        per = lambda d, h: (  # noqa: E731
+            2 * qkv * r * d
+            + ("proj" in targets) * r * (d + d)
+            + ("fc1" in targets) * r * (d + h)
+            + ("fc2" in targets) * r * (h + d)
+        )
+        return sum(per(d, h) for d, h in zip(dims, hidden))
+    if method == "adapter":
+        m, placement = opts.get("dim", 8), opts.get("placement", "ffn")
+        per_adapter = lambda d: 2 * d * m + m + d  # noqa: E731
+        return sum(per_adapter(d) * (2 if placement == "attn+ffn" else 1) for d in dims)
+    if method == "vpt-shallow":
+        return opts.get("num_tokens", 10) * dims[0]
+    if method == "vpt-deep":
+        return opts.get("num_tokens", 10) * sum(dims)
+    raise AssertionError(f"no closed form for {method}: add one when registering a method")
+
+
+def head_params(base: nn.Module) -> int:
+    return sum(p.numel() for n, p in base.named_parameters() if n.startswith("head"))
+
+
+CASES = [(m, {}) for m in METHODS] + [
+    ("lora", dict(r=4, targets=("q", "k", "v", "proj", "fc1", "fc2"))),
+    ("lora", dict(r=2, targets=("k",))),
+    ("adapter", dict(dim=4, placement="attn+ffn")),
+    ("adapter", dict(placement="parallel", scale=0.5)),
+    ("vpt-deep", dict(num_tokens=3)),
+]
+IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items())}" if o else m for m, o in CASES]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method,opts", CASES, ids=IDS)
+def test_trainable_set_and_counts(family, method, opts):
+    base = make_model(family)
+    model = pv.inject(copy.deepcopy(base), method, **opts)
+    report = pv.param_report(model)
+    assert report.method_params == expected_method_params(method, base, opts)
+    assert report.head_params == head_params(base) > 0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(pv.get_state(model).trainable_names)
+    # head always trains; frozen backbone weights never do (except where the method unfreezes them)
+    assert {n for n in trainable if n.startswith("head")} == {n for n, _ in base.named_parameters() if n.startswith("head")}
+    if method not in ("full", "bitfit"):
+        assert all(("lora_" in n or "adapter" in n or n.startswith("vpt") or n.startswith("head")) for n in trainable)
+    assert report.total == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method,opts", CASES, ids=IDS)
+def test_forward_backward_and_init_identity(family, method, opts):
+    base = make_model(family).eval()
+    x = make_input(family)
+    with torch.no_grad():
+        y0 = base(x)
+    model = pv.inject(copy.deepcopy(base), method, **opts)
+    model.eval()
+    with torch.no_grad():
+        y1 = model(x)
+    assert y1.shape == (2, 5)
+    if method.startswith("vpt"):
+        assert not torch.allclose(y0, y1, atol=1e-4), "prompts must change what the model computes"
+    else:  # zero-initialised (LoRA B = 0, adapter up = 0) or no new modules at all
+        torch.testing.assert_close(y1, y0, rtol=0, atol=1e-6)
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1]))
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    # LoRA's A gets no gradient while B = 0, as in the paper; every other trainable tensor does
+    nonzero = {n for n, g in grads.items() if g.abs().sum() > 0}
+    assert nonzero >= {n for n in grads if "lora_A" not in n and "adapter.down" not in n}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_frozen_backbone_stays_in_eval(family, method):
+    # with drop-path on, a training-mode forward is random wherever the backbone runs in train mode
+    model = pv.inject(make_model(family, drop_path_rate=0.5, drop_rate=0.0), method)
+    model.train()
+    x = make_input(family)
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(1)
+    b = model(x)
+    if method == "full":
+        assert not torch.allclose(a, b), "full fine-tuning keeps timm's drop-path"
+        assert all(m.training for m in model.modules())
+    else:
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        peft_modules = [m for m in model.modules() if isinstance(m, pv.methods.PeftModule)]
+        assert all(m.training for m in peft_modules)
+        assert model.training, "the root keeps reporting training mode to trainers"
+    model.eval()
+    assert not any(m.training for m in model.modules())
+
+
+def _vit_reference(model: nn.Module, x: torch.Tensor, prompts: torch.Tensor, deep: bool) -> torch.Tensor:
+    """VPT on a ViT written out by hand from timm's own pieces, hooks removed."""
+    npt = model.num_prefix_tokens
+    h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    p = prompts.shape[1]
+    for i, blk in enumerate(model.blocks):
+        if i == 0:
+            h = torch.cat([h[:, :npt], prompts[0].expand(len(x), -1, -1), h[:, npt:]], 1)
+        elif deep:
+            h = torch.cat([h[:, :npt], prompts[i].expand(len(x), -1, -1), h[:, npt + p:]], 1)
+        h = blk.forward(h)  # .forward, not __call__: bypass peftvision's hooks
+    h = torch.cat([h[:, :npt], h[:, npt + p:]], 1)
+    return model.forward_head(model.norm(h))
+
+
+@pytest.mark.parametrize("kind", ["vit", "vit-map"])
+@pytest.mark.parametrize("method", ["vpt-shallow", "vpt-deep"])
+def test_vpt_vit_matches_hand_written_reference(kind, method):
+    model = pv.inject(make_model(kind), method, num_tokens=4).eval()
+    x = make_input(kind)
+    with torch.no_grad():
+        expected = _vit_reference(model, x, model.vpt.prompts, deep=method == "vpt-deep")
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_vpt_vit_head_reads_the_same_tokens_with_registers_and_distillation():
+    for name, kwargs, npt in [
+        ("vit_small_patch16_224", dict(img_size=32, embed_dim=32, depth=2, num_heads=2, reg_tokens=4), 5),
+        ("deit_small_distilled_patch16_224", dict(img_size=32, embed_dim=32, depth=2, num_heads=2), 2),
+    ]:
+        model = pv.create_model(name, num_classes=3, **kwargs)
+        seen = []
+        model.norm.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[1]))
+        x = torch.randn(2, 3, 32, 32)
+        model.eval()(x)
+        pv.inject(model, "vpt-deep", num_tokens=7).eval()(x)
+        assert model.num_prefix_tokens == npt
+        assert seen[0] == seen[1] == npt + 4, "prompts must be gone before the final norm and head"
+
+
+def _swin_block_reference(block, x, prompts):
+    """One prompted Swin block as the VPT authors' PromptedSwinTransformerBlock computes it.
+
+    x: (B, H, W, C); prompts: (B, P, C). Returns (x_out, prompts_out).
+    """
+    import torch.nn.functional as F
+    from timm.models.swin_transformer import window_partition, window_reverse
+
+    b, hh, ww, c = x.shape
+    p = prompts.shape[1]
+    attn = block.attn
+    shortcut_x, shortcut_p = x, prompts
+    xn, pn = block.norm1(x), block.norm1(prompts)
+    sh = block.shift_size
+    if any(sh):
+        xn = torch.roll(xn, shifts=(-sh[0], -sh[1]), dims=(1, 2))
+    win = window_partition(xn, block.window_size).reshape(-1, block.window_area, c)  # (B*nW, N, C)
+    nw = win.shape[0] // b
+    tokens = torch.cat([pn.repeat_interleave(nw, 0), win], 1)
+    n = tokens.shape[1]
+    qkv = attn.qkv(tokens).reshape(b * nw, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B*nW, h, P+N, P+N)
+    bias = torch.zeros(attn.num_heads, n, n)
+    bias[:, p:, p:] = attn._get_rel_pos_bias()[0]
+    logits = logits + bias
+    if block.attn_mask is not None:
+        mask = torch.zeros(nw, n, n)
+        mask[:, p:, p:] = block.attn_mask
+        logits = (logits.view(b, nw, attn.num_heads, n, n) + mask[None, :, None]).view(-1, attn.num_heads, n, n)
+    out = (F.softmax(logits, -1) @ v).transpose(1, 2).reshape(b * nw, n, -1)
+    out = attn.proj(out)
+    p_out = out[:, :p].reshape(b, nw, p, c).mean(1)
+    xw = window_reverse(out[:, p:].reshape(-1, *block.window_size, c), block.window_size, hh, ww)
+    if any(sh):
+        xw = torch.roll(xw, shifts=sh, dims=(1, 2))
+    x = shortcut_x + xw
+    x = x + block.mlp(block.norm2(x))
+    prompts = shortcut_p + p_out
+    prompts = prompts + block.mlp(block.norm2(prompts))
+    return x, prompts
+
+
+def test_vpt_swin_shallow_matches_the_authors_block_math():
+    model = pv.inject(make_model("swin"), "vpt-shallow", num_tokens=3).eval()
+    x = make_input("swin")
+    with torch.no_grad():
+        h = model.patch_embed(x)
+        prompts = model.vpt.prompts[0][0].expand(len(x), -1, -1)
+        for s, stage in enumerate(model.layers):
+            if s > 0:
+                ds = stage.downsample
+                prompts = ds.reduction(ds.norm(torch.cat([prompts] * 4, -1)))
+                h = ds(h)
+            for blk in stage.blocks:
+                h, prompts = _swin_block_reference(blk, h, prompts)
+        expected = model.forward_head(model.norm(h))
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_vpt_swin_deep_uses_a_new_prompt_per_block():
+    model = pv.inject(make_model("swin"), "vpt-deep", num_tokens=3).eval()
+    assert [tuple(p.shape) for p in model.vpt.prompts] == [(2, 3, 24), (2, 3, 48), (2, 3, 96)]
+    x = make_input("swin")
+    with torch.no_grad():
+        h = model.patch_embed(x)
+        for s, stage in enumerate(model.layers):
+            h = stage.downsample(h)
+            for j, blk in enumerate(stage.blocks):
+                h, _ = _swin_block_reference(blk, h, model.vpt.prompts[s][j].expand(len(x), -1, -1))
+        expected = model.forward_head(model.norm(h))
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_vpt_swin_prompts_do_not_mix_images_in_a_batch():
+    model = pv.inject(make_model("swin"), "vpt-shallow", num_tokens=3).eval()
+    x = make_input("swin", batch=3)
+    with torch.no_grad():
+        together = model(x)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_targets_only_the_requested_slices(family):
+    model = pv.inject(make_model(family), "lora", targets=("k",), r=2)
+    randomize_trainable(model)
+    qkv = model.get_submodule(pv.get_state(model).backbone.blocks[0].name + ".attn.qkv")
+    delta = qkv.delta_weight()
+    width = delta.shape[0] // 3
+    assert delta[:width].abs().sum() == 0 and delta[2 * width:].abs().sum() == 0
+    assert delta[width:2 * width].abs().sum() > 0
+    x = torch.randn(4, qkv.in_features)
+    torch.testing.assert_close(qkv(x), torch.nn.functional.linear(x, qkv.base_layer.weight + delta, qkv.bias))
+
+
+def test_lora_works_where_timm_calls_qkv_weight_functionally():
+    # BEiT, EVA and SwinV2 compute F.linear(x, attn.qkv.weight, q/v biases) instead of attn.qkv(x)
+    model = pv.create_model("beit_base_patch16_224", num_classes=3, img_size=32, embed_dim=32, depth=2, num_heads=2)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    y0 = model(x)
+    pv.inject(model, "lora").eval()
+    randomize_trainable(model)
+    y1 = model(x)
+    assert not torch.allclose(y0, y1, atol=1e-4)
+    torch.testing.assert_close(pv.merge(model)(x), y1, rtol=0, atol=1e-5)
+
+
+def test_unmerge_restores_weights():
+    model = pv.inject(make_model("vit"), "lora", targets=("q", "v", "fc1")).eval()
+    randomize_trainable(model)
+    x = make_input("vit")
+    y = model(x)
+    layers = [m for m in model.modules() if isinstance(m, pv.methods.PeftModule)]
+    before = [m.base_layer.weight.clone() for m in layers]
+    for m in layers:
+        m.merge()
+    torch.testing.assert_close(model(x), y, rtol=0, atol=1e-5)
+    for m in layers:
+        m.unmerge()
+    for m, w in zip(layers, before):
+        torch.testing.assert_close(m.base_layer.weight, w, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_unknown_method_and_options():
+    with pytest.raises(ConfigError, match="unknown method 'lorax'; choose one of: linear, full"):
+        pv.inject(make_model("vit"), "lorax")
+    with pytest.raises(ConfigError, match="lora has no option rank; its options are: alpha, dropout, r, targets"):
+        pv.inject(make_model("vit"), "lora", rank=4)
+    with pytest.raises(ConfigError, match="targets must be distinct names among q, k, v"):
+        pv.inject(make_model("vit"), "lora", targets=("q", "x"))
+    with pytest.raises(ConfigError, match="placement must be one of"):
+        pv.inject(make_model("vit"), "adapter", placement="sideways")
+    with pytest.raises(ConfigError, match="num_tokens must be a positive integer"):
+        pv.inject(make_model("vit"), "vpt-deep", num_tokens=0)
+
+
+def test_models_without_transformer_blocks_are_refused():
+    with pytest.raises(UnsupportedModelError, match="test_resnet: no transformer blocks found"):
+        pv.inject(pv.create_model("test_resnet"), "lora")
+
+
+def test_vpt_refuses_position_dependent_attention():
+    with pytest.raises(UnsupportedModelError, match="test_vit_relpos: .*position-dependent.*use lora or adapter"):
+        pv.inject(pv.create_model("test_vit_relpos"), "vpt-shallow")
+
+
+def test_double_injection_and_unknown_model_are_refused():
+    model = pv.inject(make_model("vit"), "lora")
+    with pytest.raises(PeftVisionError, match="already has lora injected"):
+        pv.inject(model, "adapter")
+    with pytest.raises(ConfigError, match="unknown timm model 'vit_nonexistent_patch16'"):
+        pv.create_model("vit_nonexistent_patch16")
+
+
+def test_offline_hub_download_gives_one_line_hint():
+    with pytest.raises(PeftVisionError, match="no network.*--checkpoint FILE"):
+        pv.create_model("test_vit", pretrained=True)
