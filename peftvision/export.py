@@ -182,6 +182,12 @@ def load_adapter(
             f"adapter in {directory} was trained on {info.get('name')} ({config['architecture_signature']}), "
             f"but the base model is {backbone.architecture} with a different architecture"
         )
+    num_classes = getattr(model, "num_classes", None)
+    if info.get("num_classes") is not None and num_classes is not None and num_classes != info["num_classes"]:
+        raise AdapterFileError(
+            f"the adapter in {directory} has a {info['num_classes']}-class head, the given model {num_classes} "
+            f"(create it with num_classes={info['num_classes']})"
+        )
     if not (ignore_fingerprint or method.saves_backbone):
         if weights_fingerprint(model, backbone) != config["base_fingerprint"]:
             raise AdapterFileError(
