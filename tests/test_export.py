@@ -101,7 +101,7 @@ def test_methods_that_cannot_merge_say_so(base_checkpoint, method):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("targets", [("q", "v"), ("k",), ("q", "k", "v", "proj", "fc2")])
+@pytest.mark.parametrize("targets", [("q", "v"), ("k",), ("q", "k", "v", "proj", "fc2"), ("qkv",)])
 def test_peft_export_loads_in_peft_with_identical_outputs(tmp_path, base_checkpoint, family, targets):
     from peft import PeftModel
 

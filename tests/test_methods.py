@@ -39,6 +39,7 @@ def expected_method_params(method: str, base: nn.Module, opts: dict) -> int:
         qkv = sum(t in targets for t in "qkv")
         per = lambda d, h: (  # noqa: E731
             2 * qkv * r * d
+            + ("qkv" in targets) * r * (d + 3 * d)
             + ("proj" in targets) * r * (d + d)
             + ("fc1" in targets) * r * (d + h)
             + ("fc2" in targets) * r * (h + d)
@@ -62,6 +63,7 @@ def head_params(base: nn.Module) -> int:
 CASES = [(m, {}) for m in METHODS] + [
     ("lora", dict(r=4, targets=("q", "k", "v", "proj", "fc1", "fc2"))),
     ("lora", dict(r=2, targets=("k",))),
+    ("lora", dict(targets=("qkv", "fc2"))),
     ("adapter", dict(dim=4, placement="attn+ffn")),
     ("adapter", dict(placement="parallel", scale=0.5)),
     ("vpt-deep", dict(num_tokens=3)),
@@ -310,6 +312,8 @@ def test_unknown_method_and_options():
         pv.inject(make_model("vit"), "lora", rank=4)
     with pytest.raises(ConfigError, match="targets must be distinct names among q, k, v"):
         pv.inject(make_model("vit"), "lora", targets=("q", "x"))
+    with pytest.raises(ConfigError, match="target qkv .* excludes q, k, v"):
+        pv.inject(make_model("vit"), "lora", targets=("qkv", "q"))
     with pytest.raises(ConfigError, match="placement must be one of"):
         pv.inject(make_model("vit"), "adapter", placement="sideways")
     with pytest.raises(ConfigError, match="num_tokens must be a positive integer"):

@@ -3,8 +3,9 @@
 timm computes q, k and v with one Linear (rows ordered q, k, v). A LoRA on the q and v slices only
 is a LoRA of rank r x (number of slices) on the whole qkv whose B is block-structured: B's rows of an
 untargeted slice are zero. We keep the factors compact -- A stacks the slices' A's, B holds one
-(width, r) block per slice -- and compute all slices with one matmul for A and one batched matmul for B,
-so no delta-W is ever materialised while training.
+(width, r) block per slice -- and compute all slices with one matmul for A and one fused
+multiply-add into the frozen layer's output for B, so no delta-W is ever materialised while training.
+The target `qkv` is HF PEFT's variant: one rank-r LoRA over the whole fused layer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..backbone import Backbone
@@ -22,7 +24,8 @@ from ..errors import ConfigError
 from ._registry import Method, PeftModule, register_method
 
 QKV_SLICES = ("q", "k", "v")
-EXTRA_TARGETS = {"proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+# targets that are a whole Linear; "qkv" is HF PEFT's choice: one rank-r LoRA over the fused layer
+EXTRA_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 
 
 @dataclass
@@ -30,13 +33,15 @@ class LoRAConfig:
     r: int = 8  # rank; 8 is the setting of the VTAB-1k results in the PETL literature
     alpha: float = 8.0  # the update is scaled by alpha / r, so alpha = r means scale 1
     dropout: float = 0.0  # dropout on the LoRA branch's input only
-    targets: tuple[str, ...] = ("q", "v")  # subset of q, k, v (inside attn.qkv) and proj, fc1, fc2
+    targets: tuple[str, ...] = ("q", "v")  # subset of q, k, v (slices of attn.qkv), qkv (all of it), proj, fc1, fc2
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
             self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
         self.targets = tuple(self.targets)
         bad = [t for t in self.targets if t not in QKV_SLICES and t not in EXTRA_TARGETS]
+        if "qkv" in self.targets and set(self.targets) & set(QKV_SLICES):
+            raise ValueError("target qkv (one LoRA over the fused layer) excludes q, k, v (one per slice)")
         if bad or not self.targets or len(set(self.targets)) != len(self.targets):
             raise ValueError(
                 f"targets must be distinct names among {', '.join(QKV_SLICES + tuple(EXTRA_TARGETS))}; got {self.targets}"
@@ -93,31 +98,28 @@ class LoRALinear(PeftModule):
     def out_features(self) -> int:
         return self.base_layer.out_features
 
-    def delta_weight(self) -> torch.Tensor:
-        """The dense update (out, in) that `merge` adds: scaling * B_t @ A_t on each targeted slice."""
+    def block_b(self) -> torch.Tensor:
+        """B as one (out, T*r) matrix: slice s's rows hold its own (width, r) block, untargeted rows are 0."""
         t, w, r = self.lora_B.shape
-        a = self.lora_A.view(t, r, -1)  # (T, r, in)
-        blocks = torch.bmm(self.lora_B, a) * self.scaling  # (T, width, in)
-        delta = self.lora_A.new_zeros(self.num_slices, w, a.shape[-1])
-        delta[list(self.slices)] = blocks
-        return delta.view(self.num_slices * w, -1)
+        if t == self.num_slices:
+            return self.lora_B[0] if t == 1 else torch.block_diag(*self.lora_B.unbind(0))
+        full = self.lora_B.new_zeros(self.num_slices, w, t, r)
+        for i, s in enumerate(self.slices):
+            full[s, :, i, :] = self.lora_B[i]
+        return full.view(self.num_slices * w, t * r)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update (out, in) that `merge` adds: scaling * B @ A."""
+        return (self.block_b() @ self.lora_A) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)  # (..., out)
+        out = self.base_layer(x)  # (..., out), a fresh tensor: the frozen matmul's backward does not read it
         if self.merged:
             return out
-        t, w, r = self.lora_B.shape
-        z = self.lora_dropout(x) @ (self.lora_A.t() * self.scaling)  # (..., T*r): one matmul for all slices
-        if t == 1:
-            delta = (z @ self.lora_B[0].t()).unsqueeze(-2)  # (..., 1, width)
-        else:
-            delta = torch.einsum("...tr,twr->...tw", z.unflatten(-1, (t, r)), self.lora_B)  # (..., T, width)
-        if t == self.num_slices:
-            return out + delta.flatten(-2)
-        out = out.unflatten(-1, (self.num_slices, w))  # (..., S, width), a view of a fresh tensor
-        for i, s in enumerate(self.slices):
-            out[..., s, :] += delta[..., i, :]
-        return out.flatten(-2)
+        z = F.linear(self.lora_dropout(x), self.lora_A).to(out.dtype)  # (..., T*r): one matmul for all slices
+        # out += scaling * z @ B^T in one fused kernel, without forming delta-W or a (..., out) temporary
+        out.view(-1, out.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), self.block_b().to(out.dtype).t(), alpha=self.scaling)
+        return out
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -185,12 +187,9 @@ class LoRA(Method):
         for name, m in model.named_modules():
             if not isinstance(m, LoRALinear):
                 continue
-            t, w, r = m.lora_B.shape
-            b_full = m.lora_B.new_zeros(m.num_slices * w, t * r)  # (out, T*r)
-            for i, s in enumerate(m.slices):
-                b_full[s * w:(s + 1) * w, i * r:(i + 1) * r] = m.lora_B[i]
+            t, _, r = m.lora_B.shape
             tensors[f"{name}.lora_A.weight"] = m.lora_A.detach()
-            tensors[f"{name}.lora_B.weight"] = b_full.detach()
+            tensors[f"{name}.lora_B.weight"] = m.block_b().detach()  # (out, T*r)
             if t != 1:
                 rank_pattern[re.escape(name)] = r * t
                 alpha_pattern[re.escape(name)] = config.alpha * t
