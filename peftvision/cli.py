@@ -70,6 +70,97 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {path}: load it with peft.PeftModel.from_pretrained(timm_model, '{path}')")
 
 
+def _train_config(args: argparse.Namespace) -> Any:
+    """TrainConfig from defaults < recipe < --set < explicit flags."""
+    from .config import parse_overrides
+    from .methods import list_methods
+    from .run import load_recipe
+    from .config import TrainConfig
+
+    values: dict[str, Any] = load_recipe(args.recipe) if args.recipe else {}
+    values["options"] = dict(values.get("options") or {})
+    for key, value in parse_overrides(args.set).items():
+        if key in list_methods():  # lora.r=16: an option of a method; kept only for the method that runs
+            if isinstance(value, dict):
+                values.setdefault("_method_options", {})[key] = value
+        else:
+            values[key] = value
+    for flag in FINETUNE_FLAGS:
+        if getattr(args, flag) is not None:
+            values[flag] = getattr(args, flag)
+    per_method = values.pop("_method_options", {})
+    method = values.get("method", TrainConfig.method)
+    values["options"].update(per_method.get(method, {}))
+    return TrainConfig.from_dict(values)
+
+
+FINETUNE_FLAGS = (
+    "method", "model", "checkpoint", "dataset", "output", "epochs", "batch_size", "lr", "weight_decay", "seed",
+    "optimizer", "warmup_epochs", "grad_accum", "clip_grad", "mixed_precision", "patience", "train_split",
+    "val_split", "num_workers", "augment", "quiet", "max_test",
+)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    """Fine-tune a backbone with one PEFT method and keep the best-on-validation adapter."""
+    import dataclasses
+
+    from .run import finetune, read_run_config
+
+    if args.resume:  # the run's own config; only --epochs (to extend it) and --quiet may change
+        cfg = read_run_config(args.resume)
+        cfg = dataclasses.replace(cfg, epochs=args.epochs or cfg.epochs, quiet=bool(args.quiet), output=args.resume)
+        finetune(cfg, resume=True)
+    else:
+        finetune(_train_config(args))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Accuracy of a trained adapter on a dataset split."""
+    import json
+
+    from .data import build_loader, load_task, make_transform
+    from .evaluate import classification_metrics, topk_predictions
+    from .export import load_adapter
+
+    model = load_adapter(args.adapter, checkpoint=args.checkpoint, ignore_fingerprint=args.ignore_fingerprint).eval()
+    task = load_task(args.dataset, seed=args.seed)
+    if task.num_classes != model.num_classes:
+        from .errors import DataError
+
+        raise DataError(f"{args.dataset} has {task.num_classes} classes, the adapter's head {model.num_classes}")
+    loader = build_loader(task.dataset(args.split, make_transform(model, train=False)), batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
+    import torch
+
+    topk, labels = [], []
+    with torch.no_grad():
+        for images, y in loader:
+            topk.append(topk_predictions(model(images)))
+            labels.append(y)
+    metrics = classification_metrics(torch.cat(topk), torch.cat(labels), task.num_classes)
+    print(json.dumps({"adapter": str(args.adapter), "dataset": args.dataset, "split": args.split, **metrics}))
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    """Top-k classes, with names, for image files."""
+    import torch
+
+    from .data import make_transform, open_image
+    from .export import load_adapter
+    from .freeze import get_state
+
+    model = load_adapter(args.adapter, checkpoint=args.checkpoint, ignore_fingerprint=args.ignore_fingerprint).eval()
+    names = get_state(model).class_names
+    transform = make_transform(model, train=False)
+    for path in args.images:
+        x = transform(open_image(path)).unsqueeze(0)
+        with torch.no_grad():
+            probs = model(x).softmax(-1)[0]
+        top = probs.topk(min(args.top_k, probs.numel()))
+        label = lambda i: names[i] if names else str(i)  # noqa: E731
+        print(f"{path}: " + ", ".join(f"{label(int(i))} {float(p):.3f}" for p, i in zip(top.values, top.indices)))
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -95,6 +186,52 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"peftvision {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    from .config import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("finetune", help="fine-tune a backbone with a PEFT method")
+    p.add_argument("--method", help=f"one of the registered methods (default {d.method})")
+    p.add_argument("--model", help="timm model name (default: peftvision's embedded backbone)")
+    p.add_argument("--checkpoint", help="local weights file for --model (instead of the hub)")
+    p.add_argument("--dataset", help="builtin:TASK, vtab:TASK, imagefolder:PATH or hf:REPO[:CONFIG] (default: built-in task)")
+    p.add_argument("--output", help="run directory (default runs/METHOD-TASK)")
+    p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=float, help=f"default {d.lr}")
+    p.add_argument("--weight-decay", dest="weight_decay", type=float, help=f"default {d.weight_decay}")
+    p.add_argument("--seed", type=int, help=f"default {d.seed}")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], help=f"default {d.optimizer}")
+    p.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, help=f"default {d.warmup_epochs}")
+    p.add_argument("--grad-accum", dest="grad_accum", type=int, help=f"gradient accumulation steps (default {d.grad_accum})")
+    p.add_argument("--clip-grad", dest="clip_grad", type=float, help=f"max grad norm, 0 to disable (default {d.clip_grad})")
+    p.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "bf16", "fp16"], help=f"default {d.mixed_precision}")
+    p.add_argument("--patience", type=int, help="early stopping: epochs without a better val top-1 (default off)")
+    p.add_argument("--train-split", dest="train_split", help=f"default {d.train_split}")
+    p.add_argument("--val-split", dest="val_split", help=f"default {d.val_split}")
+    p.add_argument("--max-test", dest="max_test", type=int, help="cap the test set size")
+    p.add_argument("--num-workers", dest="num_workers", type=int, help=f"DataLoader workers (default {d.num_workers})")
+    p.add_argument("--augment", action="store_const", const=True, help="train-time augmentation (off in VTAB-1k)")
+    p.add_argument("--quiet", action="store_const", const=True, help="no progress bar or summary")
+    p.add_argument("--recipe", help="YAML file with the same keys as these flags (flags override it)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config key or method option, e.g. lora.r=16")
+    p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("eval", help="accuracy of an adapter on a dataset split", formatter_class=fmt)
+    _adapter_source(p)
+    p.add_argument("--dataset", required=True, help="dataset spec, as for finetune")
+    p.add_argument("--split", default="test", help="split to evaluate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split drawing (as in training)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="top-k classes for image files", formatter_class=fmt)
+    _adapter_source(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--top-k", type=int, default=5)
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("info", help="parameter breakdown and adapter size per method", formatter_class=fmt)
     p.add_argument("--model", required=True, help="any timm model name")

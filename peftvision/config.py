@@ -1,10 +1,97 @@
-"""Dotted `key=value` overrides (`--set lora.r=16`), parsed with YAML so numbers and lists come out typed."""
+"""Run configuration: the `TrainConfig` dataclass, and dotted `key=value` overrides (`--set lora.r=16`).
+
+No torch import here: the CLI builds its parser from these defaults and must stay instant.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; a recipe YAML holds the same keys, and CLI flags override it."""
+
+    method: str = "lora"
+    model: str = ""  # "" = peftvision's embedded default backbone
+    checkpoint: str | None = None  # local weights file for the model (instead of the hub)
+    dataset: str = ""  # "" = the default built-in task
+    output: str = ""  # "" = runs/<method>-<task>
+    options: dict[str, Any] = field(default_factory=dict)  # the method's options, e.g. {"r": 16}
+    epochs: int = 10
+    batch_size: int = 64  # VTAB-1k setting
+    lr: float = 1e-3  # AdamW lr of the VTAB-1k PETL literature
+    weight_decay: float = 1e-4  # applied only to tensors with 2+ dims (not biases, norms, prompts' 1-d)
+    optimizer: str = "adamw"  # adamw | sgd
+    momentum: float = 0.9  # sgd only
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to 0 (per step)
+    grad_accum: int = 1
+    clip_grad: float | None = 1.0  # max grad norm; None to disable
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    label_smoothing: float = 0.0
+    seed: int = 0
+    patience: int | None = None  # early stopping after this many epochs without a better val top-1
+    train_split: str = "train800"  # VTAB-1k: train800 + val200 to tune, train800val200 for the final run
+    val_split: str | None = "val200"  # None: no validation, the last epoch is kept
+    test_split: str | None = "test"
+    augment: bool = False  # VTAB-1k protocol: no augmentation
+    num_workers: int = 2
+    max_test: int | None = None  # cap the test set (large VTAB test sets)
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.optimizer in ("adamw", "sgd"), "optimizer must be adamw or sgd"),
+            (self.grad_accum >= 1, "grad_accum must be >= 1"),
+            (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision must be no, bf16 or fp16"),
+            (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+            (self.patience is None or self.patience >= 1, "patience must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        values = {k: _coerce(k, v, types[k]) for k, v in values.items()}
+        try:
+            return cls(**values)
+        except TypeError as e:
+            raise ConfigError(str(e)) from None
+
+
+
+
+def _coerce(key: str, value: Any, annotation: str) -> Any:
+    """YAML and flags give "1e-3" or 3 where a float is meant: convert by the field's annotation."""
+    if value is None or annotation.startswith("dict") or annotation == "str":
+        return value
+    base = annotation.replace(" | None", "")
+    try:
+        if base == "float":
+            return float(value)
+        if base == "int":
+            if float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if base == "bool" and not isinstance(value, bool):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be a {base}, got {value!r}") from None
+    return value
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -20,6 +107,11 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         node = tree
         parts = key.strip().split(".")
         for part in parts[:-1]:

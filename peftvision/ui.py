@@ -1,0 +1,76 @@
+"""What a person sees while training: a rich progress bar and a final summary table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class Progress:
+    """A rich progress bar over all steps of a run: loss, img/s and ETA. A no-op when disabled."""
+
+    def __init__(self, epochs: int, enabled: bool = True) -> None:
+        self.epochs, self.enabled = epochs, enabled
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> "Progress":
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self._progress = RichProgress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} img/s"),
+                TimeRemainingColumn(), transient=False,
+            )
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def start_epoch(self, epoch: int, batches: int) -> None:
+        if self._progress is None:
+            return
+        if self._task is None:
+            self._task = self._progress.add_task("", total=batches * self.epochs, loss="-", speed="-", completed=epoch * batches)
+        self._progress.update(self._task, description=f"epoch {epoch + 1}/{self.epochs}")
+
+    def advance(self, loss: float, images_per_second: float) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, advance=1, loss=f"{loss:.3f}", speed=f"{images_per_second:.0f}")
+
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        if self._progress is not None and "val_top1" in record:
+            self._progress.console.print(
+                f"epoch {record['epoch']}: train loss {record['train_loss']:.3f}, "
+                f"val loss {record['val_loss']:.3f}, val top-1 {record['val_top1']:.1f}%"
+            )
+
+
+def print_summary(metrics: dict[str, Any], output: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def pct(v: Any) -> str:
+        return "-" if v is None else f"{v:.2f}%"
+
+    table = Table(title=f"{metrics['method']} on {metrics['dataset']}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rows = [
+        ("model", metrics["model"]),
+        ("trainable", f"{metrics['trainable_params']:,} ({metrics['trainable_percent']:.3f}%)"),
+        ("best val top-1", f"{pct(metrics['best_val_top1'])} (epoch {metrics['best_epoch']})"),
+        ("test top-1", pct(metrics["test_top1"])),
+        ("test top-5", pct(metrics["test_top5"])),
+        ("adapter size", f"{metrics['adapter_bytes'] / 1e3:,.1f} KB"),
+        ("wall time (train)", f"{metrics['train_seconds']:.1f} s, {metrics['images_per_second']:.0f} img/s"),
+        ("peak memory", f"{metrics['peak_memory_mb']:.0f} MB"),
+        ("output", str(output)),
+    ]
+    for k, v in rows:
+        table.add_row(k, str(v))
+    Console().print(table)

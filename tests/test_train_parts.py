@@ -1,0 +1,116 @@
+"""The trainer's parts in isolation: optimizer groups, schedule, pickle-free checkpoints, config parsing."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import peftvision as pv
+from peftvision.checkpoint import load_checkpoint, save_checkpoint
+from peftvision.config import TrainConfig, parse_overrides
+from peftvision.errors import ConfigError, PeftVisionError
+from peftvision.train import EpochSampler, build_optimizer, build_scheduler
+
+from conftest import make_input, make_model
+
+
+def test_optimizer_takes_only_trainable_and_decays_only_matrices():
+    model = pv.inject(make_model("vit"), "lora")
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.05))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    plain = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    trainable = {id(p): p for p in model.parameters() if p.requires_grad}
+    assert decayed | plain == set(trainable)
+    assert all(trainable[i].dim() >= 2 for i in decayed) and all(trainable[i].dim() < 2 for i in plain)
+    assert plain, "the head's bias is not decayed"
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = build_scheduler(opt, warmup_steps=4, total_steps=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] < 0.01
+
+
+def test_epoch_sampler_depends_only_on_seed_and_epoch():
+    a, b = EpochSampler(50, seed=3), EpochSampler(50, seed=3)
+    a.set_epoch(2)
+    b.set_epoch(2)
+    torch.manual_seed(123)  # the global RNG must not matter
+    first = list(a)
+    torch.manual_seed(456)
+    assert first == list(b) and sorted(first) == list(range(50))
+    b.set_epoch(3)
+    assert list(b) != first
+
+
+def test_checkpoint_round_trip_restores_training_exactly(tmp_path):
+    def run(model, opt, sched, steps):
+        x = make_input("vit")
+        for _ in range(steps):
+            loss = model(x).logsumexp(-1).mean() + 0.01 * torch.randn(()).item()  # consumes the global RNG
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        return model(x).detach()
+
+    def fresh():
+        torch.manual_seed(0)
+        model = pv.inject(make_model("vit"), "lora", dropout=0.1)
+        opt = build_optimizer(model, TrainConfig())
+        return model, opt, build_scheduler(opt, 2, 10)
+
+    model, opt, sched = fresh()
+    random.seed(1), np.random.seed(1)
+    run(model, opt, sched, 2)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    save_checkpoint(tmp_path / "ckpt", params, opt, sched, {"epoch": 2})
+    expected = run(model, opt, sched, 3)
+    after_rng = (random.random(), np.random.rand())
+
+    model2, opt2, sched2 = fresh()
+    params2 = {n: p for n, p in model2.named_parameters() if p.requires_grad}
+    assert load_checkpoint(tmp_path / "ckpt", params2, opt2, sched2) == {"epoch": 2}
+    torch.testing.assert_close(run(model2, opt2, sched2, 3), expected, rtol=0, atol=0)
+    assert (random.random(), np.random.rand()) == after_rng
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    model = pv.inject(make_model("vit"), "linear")
+    opt = build_optimizer(model, TrainConfig())
+    sched = build_scheduler(opt, 1, 5)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    save_checkpoint(tmp_path / "ckpt", params, opt, sched, {"epoch": 1})
+    import peftvision.checkpoint as ck
+
+    monkeypatch.setattr(ck, "save_tensors", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path / "ckpt", params, opt, sched, {"epoch": 2})
+    assert load_checkpoint(tmp_path / "ckpt", params, opt, sched) == {"epoch": 1}
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    model = pv.inject(make_model("vit"), "linear")
+    opt = build_optimizer(model, TrainConfig())
+    with pytest.raises(PeftVisionError, match="no checkpoint in"):
+        load_checkpoint(tmp_path, {}, opt, build_scheduler(opt, 1, 2))
+
+
+def test_overrides_and_config_validation():
+    assert parse_overrides(["lora.r=16", "lora.targets=[q,k,v]", "epochs=3", "lr=1e-3"]) == {
+        "lora": {"r": 16, "targets": ["q", "k", "v"]}, "epochs": 3, "lr": 1e-3,
+    }
+    with pytest.raises(ConfigError, match="unknown config key"):
+        TrainConfig.from_dict({"epochz": 3})
+    with pytest.raises(ConfigError, match="mixed_precision must be no, bf16 or fp16"):
+        TrainConfig(mixed_precision="fp8")
