@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 import peftvision as pv
+from peftvision.train import peak_memory_mb
 
 # variant name -> (method, options). "peft-lora" is HF PEFT's LoRA; "lora-qkv" is ours on the same
 # modules (the whole qkv) and rank, so the two do the same FLOPs.
@@ -129,7 +129,7 @@ def memory_child(args: argparse.Namespace) -> None:
         base = _rss_mb()
         for _ in range(3):
             step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+        peak = peak_memory_mb()  # VmHWM: ru_maxrss would include the parent's peak (it survives fork + exec)
     print(json.dumps({"peak_mb": peak, "growth_mb": peak - base}))
 
 

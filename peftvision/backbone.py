@@ -222,6 +222,9 @@ def create_model(
     """
     import timm
 
+    from .models import register_default_models
+
+    register_default_models()  # peftvision's own small pretrained backbones
     try:
         json.dumps(kwargs)
     except TypeError:

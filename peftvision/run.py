@@ -26,7 +26,7 @@ from .train import LoopState
 
 
 def default_model() -> str:
-    from .models import DEFAULT_MODEL
+    from .weights import DEFAULT_MODEL
 
     return DEFAULT_MODEL
 
@@ -76,8 +76,6 @@ def _build_loaders(cfg: TrainConfig, model: torch.nn.Module, task: Any) -> dict[
         loaders["val"] = build_loader(task.dataset(cfg.val_split, eval_tf), batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
     if cfg.test_split:
         test_ds = task.dataset(cfg.test_split, eval_tf)
-        if cfg.max_test and len(test_ds) > cfg.max_test:
-            test_ds = torch.utils.data.Subset(test_ds, range(cfg.max_test))
         loaders["test"] = build_loader(test_ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
     return loaders
 
@@ -117,7 +115,7 @@ def finetune(
     log = _Log(output / "log.jsonl" if main else None)
     log("start", resume=resume, config=dataclasses.asdict(cfg), processes=accelerator.num_processes)
 
-    task = load_task(cfg.dataset, seed=cfg.seed)
+    task = load_task(cfg.dataset, seed=cfg.seed, max_test=cfg.max_test)
     model = create_model(cfg.model, pretrained=True, checkpoint=cfg.checkpoint, num_classes=task.num_classes)
     inject(model, cfg.method, **cfg.options)
     get_state(model).class_names = list(task.class_names)

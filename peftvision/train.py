@@ -109,8 +109,20 @@ class LoopState:
 
 
 def peak_memory_mb() -> float:
+    """Peak GPU memory allocated, or the process's peak RSS on CPU.
+
+    On Linux the peak RSS is read from /proc (VmHWM): `ru_maxrss` survives fork + exec, so a process
+    started by a big parent would report the parent's peak.
+    """
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
 
 
@@ -262,6 +274,7 @@ def write_history(path: Path, history: list[dict[str, Any]]) -> None:
 def plot_curves(path: Path, history: list[dict[str, Any]], title: str) -> None:
     """Loss and accuracy per epoch, as a PNG people can look at."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -277,6 +290,8 @@ def plot_curves(path: Path, history: list[dict[str, Any]], title: str) -> None:
     ax1.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     ax1.legend()
     ax2.set(xlabel="epoch", ylabel="top-1 (%)", title="validation accuracy")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))

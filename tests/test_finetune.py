@@ -1,0 +1,182 @@
+"""`peftvision finetune` end to end on the embedded default backbone and a built-in task."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import peftvision as pv
+from peftvision.cli import main
+from peftvision.config import TrainConfig
+from peftvision.errors import PeftVisionError
+from peftvision.run import finetune
+
+FAST = ["--epochs", "1", "--batch-size", "100", "--num-workers", "0", "--max-test", "200", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    # one built-in data cache for the whole module (generation is deterministic)
+    monkeypatch.setenv("PEFTVISION_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _run(tmp_path: Path, method: str, *extra: str) -> Path:
+    out = tmp_path / method
+    assert main(["finetune", "--method", method, "--output", str(out), *FAST, *extra]) == 0
+    return out
+
+
+@pytest.mark.parametrize("method", pv.list_methods())
+def test_one_epoch_per_method_writes_every_file(tmp_path, method):
+    out = _run(tmp_path, method)
+    for name in ("adapter_config.json", "adapter.safetensors", "metrics.json", "history.csv", "curves.png", "config.yaml", "log.jsonl"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("method", "model", "dataset", "trainable_params", "total_params", "best_val_top1", "test_top1",
+                "train_seconds", "images_per_second", "peak_memory_mb"):
+        assert metrics[key] is not None, key
+    assert metrics["method"] == method and metrics["dataset"] == "builtin:digits"
+    assert 0 <= metrics["test_top1"] <= 100
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    assert len(rows) == 1 and float(rows[0]["val_top1"]) == pytest.approx(metrics["best_val_top1"])
+    model = pv.load_adapter(out)
+    assert pv.param_report(model).trainable == metrics["trainable_params"]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lora_learns_digits_well_above_chance(tmp_path):
+    out = tmp_path / "lora"
+    assert main(["finetune", "--method", "lora", "--output", str(out), "--epochs", "3", "--batch-size", "32",
+                 "--num-workers", "0", "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_top1"] > 50, metrics  # chance is 10%
+
+
+def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path):
+    base = TrainConfig(method="lora", epochs=3, batch_size=100, num_workers=0, quiet=True, max_test=200,
+                       options={"dropout": 0.1})
+    full = finetune(dataclasses.replace(base, output=str(tmp_path / "full")))
+
+    class Stop(Exception):
+        pass
+
+    def interrupt_after_first(state):
+        if state.epoch == 1:
+            raise KeyboardInterrupt
+
+    interrupted = dataclasses.replace(base, output=str(tmp_path / "resumed"))
+    with pytest.raises(PeftVisionError, match="interrupted; .*--resume"):
+        finetune(interrupted, on_epoch_end=interrupt_after_first)
+    resumed = finetune(interrupted, resume=True)
+    for key in ("best_val_top1", "test_top1", "best_epoch", "epochs_run"):
+        assert resumed[key] == full[key], key
+    a = pv.load_adapter(tmp_path / "full").state_dict()
+    b = pv.load_adapter(tmp_path / "resumed").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    out = _run(tmp_path, "linear")
+    before = (out / "metrics.json").read_text()
+    assert main(["finetune", "--method", "linear", "--output", str(out), *FAST]) == 2
+    assert (out / "metrics.json").read_text() == before
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path, capsys):
+    out = tmp_path / "nan"
+    assert main(["finetune", "--method", "linear", "--output", str(out), *FAST, "--lr", "1e30", "--clip-grad", "0",
+                 "--optimizer", "sgd", "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "loss became" in err and "last good checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert (out / "checkpoint" / "state.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--dataset", "builtin:nope"], "builtin"),
+        (["--dataset", "imagefolder:/does/not/exist"], "/does/not/exist"),
+        (["--model", "resnet18", "--checkpoint", "/missing.safetensors"], "checkpoint file not found"),
+        (["--set", "lora.rank=4"], "lora has no option rank"),
+        (["--recipe", "/missing.yaml"], "recipe not found"),
+        (["--resume", "/no/such/run"], "nothing to resume"),
+    ],
+)
+def test_bad_input_gives_one_line(tmp_path, capsys, argv, message):
+    assert main(["finetune", "--output", str(tmp_path / "x"), *FAST, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_recipe_flags_and_set_precedence(tmp_path):
+    from peftvision.cli import _train_config, build_parser
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: lora\nlr: 1e-3\nepochs: 7\noptions: {r: 4}\n")
+    args = build_parser().parse_args(["finetune", "--recipe", str(recipe), "--set", "lora.r=16", "--set", "epochs=5",
+                                      "--set", "adapter.dim=3", "--lr", "0.01"])
+    cfg = _train_config(args)
+    assert (cfg.method, cfg.lr, cfg.epochs, cfg.options) == ("lora", 0.01, 5, {"r": 16})
+
+
+def test_recipes_in_the_repo_are_valid():
+    from peftvision.run import load_recipe
+
+    recipes = sorted(Path(__file__).parent.parent.glob("recipes/*.yaml"))
+    assert recipes
+    for path in recipes:
+        data = load_recipe(str(path))
+        if "pretrain" in path.name:
+            continue
+        cfg = TrainConfig.from_dict(data)
+        pv.methods.build_config(cfg.method, cfg.options)
+
+
+def test_eval_and_predict_on_a_trained_adapter(tmp_path, capsys):
+    out = _run(tmp_path, "lora")
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(out), "--dataset", "builtin:digits", "--num-workers", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert result["top1"] >= 0 and result["split"] == "test"
+
+    from PIL import Image
+
+    from peftvision.data import load_task
+
+    task = load_task("builtin:digits")
+    image, label = task.dataset("test")[0]
+    path = tmp_path / "digit.png"
+    image.save(path)
+    assert main(["predict", "--adapter", str(out), str(path), "--top-k", "3"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(str(path)) and len(line.split(",")) == 3
+    assert any(name in line for name in task.class_names)
+    assert metrics["test_top1"] is not None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP on CPU is tested on Linux")
+def test_two_process_ddp_run(tmp_path):
+    """Real gloo DDP with 2 CPU processes (accelerate's MULTI_CPU), as FACTS.md describes."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "peftvision.cli", "finetune", "--method", "lora", "--output", str(out), "--epochs", "2",
+           "--batch-size", "50", "--num-workers", "0", "--max-test", "200", "--quiet"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"] == 2
+    assert metrics["test_top1"] > 20, metrics  # chance is 10%
+    assert len(list(csv.DictReader(open(out / "history.csv")))) == 2
+    assert pv.param_report(pv.load_adapter(out)).trainable == metrics["trainable_params"]
