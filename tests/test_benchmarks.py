@@ -1,0 +1,26 @@
+"""The benchmark scripts run end to end on a tiny model, so they do not rot (nothing here is timed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_methods_runs_on_a_tiny_model(tmp_path):
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_methods.py"), "--models", "test_vit",
+           "--variants", "full,lora,lora-qkv,peft-lora", "--batch", "2", "--steps", "2",
+           "--warmup", "1", "--output", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["models"]["test_vit"]
+    assert set(rows) >= {"full", "lora", "lora-qkv", "peft-lora", "base", "lora-merged"}
+    assert rows["lora"]["trainable"] < rows["full"]["trainable"]
+    assert rows["lora-qkv"]["trainable"] == rows["peft-lora"]["trainable"]  # same config as HF PEFT
+    for variant in ("full", "lora", "peft-lora"):
+        assert rows[variant]["step_s"] > 0 and rows[variant]["growth_mb"] > 0
+    assert "Our LoRA vs HF PEFT" in proc.stdout
