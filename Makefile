@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: test install clean
+.PHONY: test install clean demo
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -19,3 +19,7 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV)
+
+# The first thing a new user runs: LoRA on the embedded backbone and the default built-in task.
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/peftvision finetune --method lora --output runs/demo-$$(date +%Y%m%d-%H%M%S)

@@ -161,6 +161,20 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(f"{path}: " + ", ".join(f"{label(int(i))} {float(p):.3f}" for p, i in zip(top.values, top.indices)))
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    """Every method on every task, same protocol; rerunning resumes."""
+    from .compare import CompareConfig, compare
+
+    cc = CompareConfig(
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), tasks=args.tasks,
+        model=args.model or "", checkpoint=args.checkpoint, seeds=args.seeds, output=args.output,
+        workers=args.workers, search=args.search, epochs=args.epochs, batch_size=args.batch_size,
+        max_test=args.max_test, quiet=args.quiet,
+    )
+    compare(cc)
+    print(f"results in {cc.output}: results.csv, results.json, summary.md, accuracy_vs_params.png, per_task.png")
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -217,6 +231,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config key or method option, e.g. lora.r=16")
     p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR")
     p.set_defaults(func=cmd_finetune)
+
+    from .compare import CompareConfig
+
+    c = CompareConfig()
+    p = sub.add_parser("compare", help="compare methods on a task suite (VTAB-1k protocol)", formatter_class=fmt)
+    p.add_argument("--methods", default=",".join(c.methods), help="comma-separated method names")
+    p.add_argument("--tasks", default=c.tasks, help="builtin:all, vtab:all, or SPEC,SPEC,...")
+    p.add_argument("--model", help="timm model name (default: peftvision's embedded backbone)")
+    p.add_argument("--checkpoint", help="local weights file for --model")
+    p.add_argument("--seeds", type=int, default=c.seeds, help="seeds per (method, task)")
+    p.add_argument("--output", default=c.output, help="comparison directory (rerun to resume)")
+    p.add_argument("--workers", type=int, default=c.workers, help="runs in parallel (processes)")
+    p.add_argument("--search", action="store_true", help="pick lr / weight decay per method on train800 -> val200")
+    p.add_argument("--epochs", type=int, default=c.epochs, help="epochs per run")
+    p.add_argument("--batch-size", type=int, default=c.batch_size)
+    p.add_argument("--max-test", type=int, help="cap each task's test set")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="accuracy of an adapter on a dataset split", formatter_class=fmt)
     _adapter_source(p)

@@ -23,3 +23,7 @@ class ConfigError(PeftVisionError):
 
 class DataError(PeftVisionError):
     """A dataset spec that cannot be resolved: missing folder, unknown task, unreadable image, ..."""
+
+
+class Interrupted(PeftVisionError):
+    """Ctrl-C or SIGTERM during training: the last finished epoch is saved and can be resumed."""

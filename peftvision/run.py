@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import ConfigError, PeftVisionError
+from .errors import ConfigError, Interrupted, PeftVisionError
 from .config import TrainConfig
 from .train import LoopState
 
@@ -137,7 +137,7 @@ def finetune(
             model, state = train(model, loaders, cfg, output, accelerator, task.num_classes, resume, epoch_end, progress)
     except KeyboardInterrupt:
         log("interrupted")
-        raise PeftVisionError(
+        raise Interrupted(
             f"interrupted; the last finished epoch is saved: continue with "
             f"`peftvision finetune --resume {output}`"
         ) from None

@@ -1,0 +1,76 @@
+"""`peftvision compare`: files, numbers consistent with the runs, resumability, failures isolated."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from peftvision.cli import main
+from peftvision.report import load_rows
+
+TASKS = "builtin:digits,shape_loc"
+ARGS = ["--methods", "linear,lora", "--epochs", "1", "--max-test", "200", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("PEFTVISION_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def test_compare_writes_consistent_results_and_resumes(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    broken = "imagefolder:" + str(tmp_path / "missing")
+    assert main(["compare", "--tasks", f"{TASKS},{broken}", "--output", str(out), *ARGS]) == 0
+    for name in ("results.csv", "results.json", "summary.md", "accuracy_vs_params.png", "per_task.png"):
+        assert (out / name).is_file(), name
+
+    rows = load_rows(out / "results.csv")
+    pairs = {(r["method"], r["task"]) for r in rows}
+    assert len(rows) == 6 and pairs == {(m, t) for m in ("linear", "lora") for t in ("builtin:digits", "builtin:shape_loc", broken)}
+    assert json.loads((out / "results.json").read_text())[0]["method"] == rows[0]["method"]
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert {r["task"] for r in failed} == {broken} and all("no such folder" in r["error"] or "missing" in r["error"] for r in failed)
+    done = [r for r in rows if r["status"] != "failed"]
+    assert len(done) == 4 and all(0 <= r["test_top1"] <= 100 for r in done)
+    # each result is an ordinary finetune run directory
+    for r in done:
+        metrics = json.loads(open(f"{r['output']}/metrics.json").read())
+        assert metrics["test_top1"] == pytest.approx(r["test_top1"])
+
+    # the summary's numbers are recomputed from results.csv
+    summary = (out / "summary.md").read_text()
+    for method in ("linear", "lora"):
+        scores = {r["task"]: r["test_top1"] for r in done if r["method"] == method}
+        line = next(ln for ln in summary.splitlines() if ln.startswith(f"| {method} |"))
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        assert float(cells[1]) == pytest.approx(scores["builtin:digits"], abs=0.05)
+        assert float(cells[2]) == pytest.approx(scores["builtin:shape_loc"], abs=0.05)
+        assert cells[3] == "failed"
+        natural, structured = float(cells[4]), float(cells[5])
+        assert natural == pytest.approx(scores["builtin:digits"], abs=0.05)
+        assert structured == pytest.approx(scores["builtin:shape_loc"], abs=0.05)
+        assert cells[6] == "-" and cells[7] == "-", "no average over an incomplete set of tasks"
+    assert "Failed runs" in summary
+
+    # a rerun skips every finished run (and retries the failed ones)
+    capsys.readouterr()
+    assert main(["compare", "--tasks", TASKS, "--output", str(out), *ARGS[:-1]]) == 0
+    rerun = load_rows(out / "results.csv")
+    assert {r["status"] for r in rerun} == {"done"}
+    assert [r["test_top1"] for r in rerun] == [r["test_top1"] for r in done]
+    summary = (out / "summary.md").read_text()
+    line = next(ln for ln in summary.splitlines() if ln.startswith("| lora |"))
+    cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+    lora = [r["test_top1"] for r in rerun if r["method"] == "lora"]
+    assert float(cells[5]) == pytest.approx(statistics.fmean(lora), abs=0.05)  # mean of groups
+    assert float(cells[6]) == pytest.approx(statistics.fmean(lora), abs=0.05)  # mean of tasks
+    assert "lora" in capsys.readouterr().out
+
+
+def test_compare_rejects_bad_input(tmp_path, capsys):
+    assert main(["compare", "--methods", "lora,nope", "--tasks", TASKS, "--output", str(tmp_path)]) == 2
+    assert "unknown method(s) nope" in capsys.readouterr().err
+    assert main(["compare", "--tasks", "builtin:nope", "--output", str(tmp_path)]) == 2
+    assert "unknown built-in task 'nope'" in capsys.readouterr().err
