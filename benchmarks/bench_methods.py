@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import peftvision as pv
+from peftvision.injection import enable_grad_checkpointing
 from peftvision.train import peak_memory_mb
 
 # variant name -> (method, options). "peft-lora" is HF PEFT's LoRA; "lora-qkv" is ours on the same
@@ -51,8 +52,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 def build(model_name: str, variant: str, num_classes: int, grad_ckpt: bool, compile_: bool, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = pv.create_model(model_name, num_classes=num_classes)
-    if grad_ckpt:
-        model.set_grad_checkpointing(True)
     method, options = VARIANTS[variant]
     if method == "peft":
         from peft import LoraConfig, get_peft_model
@@ -60,8 +59,12 @@ def build(model_name: str, variant: str, num_classes: int, grad_ckpt: bool, comp
         head = model.pretrained_cfg.get("classifier", "head")
         config = LoraConfig(r=8, lora_alpha=8, target_modules=r".*\.attn\.qkv", modules_to_save=[head])
         model = get_peft_model(model, config)
+        if grad_ckpt:
+            model.base_model.model.set_grad_checkpointing(True)
     else:
         pv.inject(model, method, **options)
+        if grad_ckpt:
+            enable_grad_checkpointing(model)
     if compile_:
         model = torch.compile(model)
     return model

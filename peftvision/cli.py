@@ -97,7 +97,7 @@ def _train_config(args: argparse.Namespace) -> Any:
 FINETUNE_FLAGS = (
     "method", "model", "checkpoint", "dataset", "output", "epochs", "batch_size", "lr", "weight_decay", "seed",
     "optimizer", "warmup_epochs", "grad_accum", "clip_grad", "mixed_precision", "patience", "train_split",
-    "val_split", "num_workers", "augment", "quiet", "max_test",
+    "val_split", "num_workers", "augment", "quiet", "max_test", "grad_checkpointing",
 )
 
 
@@ -226,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-test", dest="max_test", type=int, help="cap the test set size")
     p.add_argument("--num-workers", dest="num_workers", type=int, help=f"DataLoader workers (default {d.num_workers})")
     p.add_argument("--augment", action="store_const", const=True, help="train-time augmentation (off in VTAB-1k)")
+    p.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_const", const=True,
+                   help="recompute activations in backward: less memory, more time")
     p.add_argument("--quiet", action="store_const", const=True, help="no progress bar or summary")
     p.add_argument("--recipe", help="YAML file with the same keys as these flags (flags override it)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config key or method option, e.g. lora.r=16")

@@ -48,3 +48,15 @@ def inject(model: nn.Module, method: str, **options: Any) -> nn.Module:
     if m.freeze_backbone:
         install_eval_hook(model)
     return model
+
+
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """Recompute block activations in backward (less memory, more compute), where the method allows."""
+    state = get_state(model)
+    if state is not None:
+        reason = get_method(state.method).grad_checkpointing_unsupported(state.backbone, state.config)
+        if reason:
+            raise PeftVisionError(f"--grad-checkpointing does not work with {state.method} here: {reason}")
+    if not hasattr(model, "set_grad_checkpointing"):
+        raise PeftVisionError(f"{type(model).__name__} has no gradient checkpointing")
+    model.set_grad_checkpointing(True)

@@ -93,7 +93,7 @@ def finetune(
     from .data import load_task
     from .export import load_tensors
     from .freeze import get_state, param_report
-    from .injection import inject
+    from .injection import enable_grad_checkpointing, inject
     from .train import evaluate_model, peak_memory_mb, plot_curves, train, write_history, write_json
     from .ui import Progress, print_summary
 
@@ -118,6 +118,8 @@ def finetune(
     task = load_task(cfg.dataset, seed=cfg.seed, max_test=cfg.max_test)
     model = create_model(cfg.model, pretrained=True, checkpoint=cfg.checkpoint, num_classes=task.num_classes)
     inject(model, cfg.method, **cfg.options)
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(model)
     get_state(model).class_names = list(task.class_names)
     report = param_report(model)
     loaders = _build_loaders(cfg, model, task)

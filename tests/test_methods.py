@@ -341,3 +341,28 @@ def test_double_injection_and_unknown_model_are_refused():
 def test_offline_hub_download_gives_one_line_hint():
     with pytest.raises(PeftVisionError, match="no network.*--checkpoint FILE"):
         pv.create_model("test_vit", pretrained=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_grad_checkpointing_gives_the_same_gradients_or_a_clear_error(family, method):
+    from peftvision.injection import enable_grad_checkpointing
+
+    x = make_input(family)
+
+    def grads(checkpointing: bool):
+        model = pv.inject(make_model(family), method)
+        randomize_trainable(model)
+        if checkpointing:
+            enable_grad_checkpointing(model)
+        model.train()
+        model(x).square().sum().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    if family == "swin" and method == "vpt-shallow":
+        with pytest.raises(PeftVisionError, match="does not work with vpt-shallow"):
+            grads(True)
+        return
+    plain, recomputed = grads(False), grads(True)
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-4, atol=1e-5)

@@ -50,6 +50,10 @@ class Method:
             if isinstance(module, PeftModule):
                 yield from module.adapter_parameters()
 
+    def grad_checkpointing_unsupported(self, backbone: Backbone, config: Any) -> str | None:
+        """None if activation checkpointing (recomputing blocks in backward) is safe, else why not."""
+        return None
+
     def mergeable(self, config: Any) -> str | None:
         """None if `merge` can fold the method into plain timm weights, else the reason it cannot."""
         return f"{self.name} adds computation that is not a weight update, so it cannot be merged"

@@ -237,6 +237,11 @@ class _VPT(Method):
         prompts.attach(model, backbone)
         model.vpt = prompts
 
+    def grad_checkpointing_unsupported(self, backbone: Backbone, config: VPTConfig) -> str | None:
+        if backbone.family == "swin" and not self.deep:
+            return "shallow Swin prompts travel beside the blocks' inputs, so recomputed blocks would see the wrong prompts"
+        return None
+
     def mergeable(self, config: VPTConfig) -> str | None:
         return f"{self.name} adds prompt tokens to the input sequence, which no weight of the base can hold; ship the adapter file instead"
 
