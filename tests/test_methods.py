@@ -274,17 +274,28 @@ def test_lora_targets_only_the_requested_slices(family):
     torch.testing.assert_close(qkv(x), torch.nn.functional.linear(x, qkv.base_layer.weight + delta, qkv.bias))
 
 
-def test_lora_works_where_timm_calls_qkv_weight_functionally():
-    # BEiT, EVA and SwinV2 compute F.linear(x, attn.qkv.weight, q/v biases) instead of attn.qkv(x)
-    model = pv.create_model("beit_base_patch16_224", num_classes=3, img_size=32, embed_dim=32, depth=2, num_heads=2)
-    model.eval()
-    x = torch.randn(2, 3, 32, 32)
+FUNCTIONAL_QKV = {  # attentions that call F.linear(x, attn.qkv.weight, own q/v biases) instead of attn.qkv(x)
+    "beit_base_patch16_224": dict(img_size=32, embed_dim=32, depth=2, num_heads=2),
+    "eva02_tiny_patch14_224": dict(img_size=28, embed_dim=32, depth=2, num_heads=2),
+    "swinv2_tiny_window8_256": dict(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 2)),
+}
+
+
+@pytest.mark.parametrize("name", FUNCTIONAL_QKV)
+def test_lora_works_where_timm_calls_qkv_weight_functionally(name):
+    kwargs = FUNCTIONAL_QKV[name]
+    model = pv.create_model(name, num_classes=3, **kwargs).eval()
+    x = torch.randn(2, 3, kwargs["img_size"], kwargs["img_size"])
     y0 = model(x)
     pv.inject(model, "lora").eval()
+    torch.testing.assert_close(model(x), y0, rtol=0, atol=1e-6)
     randomize_trainable(model)
     y1 = model(x)
     assert not torch.allclose(y0, y1, atol=1e-4)
     torch.testing.assert_close(pv.merge(model)(x), y1, rtol=0, atol=1e-5)
+    # prompts do not fit these attentions (relative positions, RoPE, SwinV2's own windows): say so
+    with pytest.raises(UnsupportedModelError, match="use lora or adapter with this model"):
+        pv.inject(pv.create_model(name, num_classes=3, **kwargs), "vpt-deep")
 
 
 def test_unmerge_restores_weights():
