@@ -1,0 +1,77 @@
+"""Preprocessing read from the model, and DataLoaders."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..errors import DataError
+
+
+def input_size(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) the model takes. Its patch embedding knows better than `pretrained_cfg`: a model built
+    with `img_size=64` still carries the 224 of the registered config."""
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=model)
+    img = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img is not None:
+        h, w = (img, img) if isinstance(img, int) else tuple(img)
+        return (cfg["input_size"][0], int(h), int(w))
+    return tuple(cfg["input_size"])  # type: ignore[return-value]
+
+
+def make_transform(model: torch.nn.Module, train: bool = False, **overrides: Any) -> Callable[[Any], torch.Tensor]:
+    """PIL RGB image -> normalised (C, H, W) tensor, as the model was pretrained to see it.
+
+    Size, interpolation, mean and std come from the model's `pretrained_cfg` (timm's
+    `resolve_data_config` + `create_transform`). Evaluation follows the VTAB-1k protocol: the whole
+    image is resized to the input size, never cropped (a crop would cut off the objects that
+    location and counting tasks are about). `train=True` adds timm's standard augmentation
+    (random-resized crop, horizontal flip, colour jitter); flips and crops change the label of
+    location / orientation tasks, so pass e.g. `hflip=0.0, scale=(0.9, 1.0)` there.
+
+    Args:
+        model: a timm model (its `pretrained_cfg` and patch embedding are read).
+        train: augment (random) instead of the deterministic evaluation transform.
+        **overrides: any `timm.data.create_transform` argument (hflip, scale, color_jitter, ...).
+    """
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=model)
+    cfg["input_size"] = input_size(model)
+    if not train:
+        cfg.update(crop_pct=1.0, crop_mode="squash")
+    cfg.update(overrides)
+    try:
+        return timm.data.create_transform(**cfg, is_training=train)
+    except TypeError as e:
+        raise DataError(f"bad transform option: {e}") from None
+
+
+def build_loader(
+    dataset: torch.utils.data.Dataset,
+    batch_size: int = 64,
+    *,
+    shuffle: bool = False,
+    num_workers: int = 0,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader whose order and worker seeds (hence augmentation) follow `seed`.
+
+    Decoding and transforms run in `num_workers` processes (0: in this one). Workers persist across
+    epochs, so their start-up (a fork plus each worker's own file handles) is paid once.
+    """
+    generator = torch.Generator()
+    generator.manual_seed(seed)  # torch derives each worker's torch / random / numpy seed from it
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        generator=generator,
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+    )
