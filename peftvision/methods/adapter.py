@@ -105,11 +105,10 @@ class HoulsbyAdapter(Method):
     def inject(self, model: nn.Module, backbone: Backbone, config: AdapterConfig) -> None:
         children = ("attn", "mlp") if config.placement == "attn+ffn" else ("mlp",)
         for block in backbone.blocks:
-            parent = model.get_submodule(block.name)
             for child in children:
                 base = backbone.block_module(model, block, child)
                 ref = next(base.parameters())
                 factory = dict(device=ref.device, dtype=ref.dtype)
-                width = _width(base, block.dim)
-                bottleneck = Bottleneck(width, int(config.dim), config.activation, config.dropout, factory)
-                setattr(parent, child, AdapterWrapper(base, bottleneck, config.placement == "parallel", config.scale))
+                bottleneck = Bottleneck(_width(base, block.dim), int(config.dim), config.activation, config.dropout, factory)
+                wrapper = AdapterWrapper(base, bottleneck, config.placement == "parallel", config.scale)
+                model.set_submodule(f"{block.name}.{child}", wrapper)

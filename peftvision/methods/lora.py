@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbone import Backbone
+from ..backbone import Backbone, BlockInfo
 from ..errors import ConfigError
 from ._registry import Method, PeftModule, register_method
 
@@ -138,16 +138,14 @@ class LoRALinear(PeftModule):
         return f"r={self.r}, scaling={self.scaling:g}, slices={names}"
 
 
-def _lora_sites(backbone: Backbone, config: LoRAConfig) -> list[tuple[str, str, list[int], int]]:
-    """(block name, child path, slice indices, number of slices) for every layer LoRA goes on."""
+def _lora_sites(backbone: Backbone, config: LoRAConfig) -> list[tuple[BlockInfo, str, list[int], int]]:
+    """(block, child path, slice indices, number of slices) for every layer LoRA goes on."""
     qkv = [QKV_SLICES.index(t) for t in QKV_SLICES if t in config.targets]  # keep q, k, v order
     sites = []
     for block in backbone.blocks:
         if qkv:
-            sites.append((block.name, "attn.qkv", qkv, 3))
-        for t in config.targets:
-            if t in EXTRA_TARGETS:
-                sites.append((block.name, EXTRA_TARGETS[t], [0], 1))
+            sites.append((block, "attn.qkv", qkv, 3))
+        sites += [(block, EXTRA_TARGETS[t], [0], 1) for t in config.targets if t in EXTRA_TARGETS]
     return sites
 
 
@@ -157,12 +155,10 @@ class LoRA(Method):
     config_cls = LoRAConfig
 
     def inject(self, model: nn.Module, backbone: Backbone, config: LoRAConfig) -> None:
-        for block_name, child, slices, num_slices in _lora_sites(backbone, config):
-            block = next(b for b in backbone.blocks if b.name == block_name)
+        for block, child, slices, num_slices in _lora_sites(backbone, config):
             base = backbone.linear(model, block, child)
             wrapped = LoRALinear(base, slices, num_slices, int(config.r), config.alpha, config.dropout)
-            parent, leaf = f"{block_name}.{child}".rsplit(".", 1)
-            setattr(model.get_submodule(parent), leaf, wrapped)
+            model.set_submodule(f"{block.name}.{child}", wrapped)
 
     def mergeable(self, config: LoRAConfig) -> str | None:
         return None
@@ -171,8 +167,7 @@ class LoRA(Method):
         for name, module in list(model.named_modules()):
             if isinstance(module, LoRALinear):
                 module.merge()
-                parent, leaf = name.rsplit(".", 1)
-                setattr(model.get_submodule(parent), leaf, module.base_layer)
+                model.set_submodule(name, module.base_layer)
 
     def to_peft(self, model: nn.Module, backbone: Backbone, config: LoRAConfig) -> tuple[Any, dict[str, torch.Tensor]]:
         """A LoRA on T slices of a Linear is a rank r*T LoRA on the whole Linear with block-structured B.
