@@ -195,7 +195,9 @@ def train(
         while state.epoch < cfg.epochs:
             # ---- train one epoch
             ddp_model.train()
-            sampler.set_epoch(state.epoch)
+            # accelerate's prepared loader re-sets its sampler's epoch from its own counter at every
+            # iteration; set that counter, or a resumed run would replay epoch 0's order
+            (train_loader if hasattr(train_loader, "set_epoch") else sampler).set_epoch(state.epoch)
             t0, seen, loss_sum, batches = time.perf_counter(), 0, 0.0, 0
             if progress is not None:
                 progress.start_epoch(state.epoch, len(train_loader))
