@@ -59,3 +59,21 @@ def base_checkpoint(tmp_path):
         return str(path)
 
     return write
+
+
+@pytest.fixture(scope="session")
+def backbone_checkpoint(tmp_path_factory) -> str:
+    """Random-init weights of the embedded ViT architecture in a local file.
+
+    The pipeline tests (finetune, compare, eval, DDP) pass it as `--model pv_vit_tiny_32 --checkpoint
+    FILE`, so they test training, files and resumption whether or not the pretrained weights are
+    installed; tests of the shipped weights themselves live in test_models.py.
+    """
+    import peftvision as pv
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = pv.create_model("pv_vit_tiny_32")
+    path = tmp_path_factory.mktemp("backbone") / "pv_vit_tiny_32-random.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)

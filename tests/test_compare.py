@@ -19,10 +19,15 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PEFTVISION_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-def test_compare_writes_consistent_results_and_resumes(tmp_path, capsys):
+@pytest.fixture
+def args(backbone_checkpoint) -> list[str]:
+    return [*ARGS[:-1], "--model", "pv_vit_tiny_32", "--checkpoint", backbone_checkpoint, "--quiet"]
+
+
+def test_compare_writes_consistent_results_and_resumes(tmp_path, capsys, args):
     out = tmp_path / "cmp"
     broken = "imagefolder:" + str(tmp_path / "missing")
-    assert main(["compare", "--tasks", f"{TASKS},{broken}", "--output", str(out), *ARGS]) == 0
+    assert main(["compare", "--tasks", f"{TASKS},{broken}", "--output", str(out), *args]) == 0
     for name in ("results.csv", "results.json", "summary.md", "accuracy_vs_params.png", "per_task.png"):
         assert (out / name).is_file(), name
 
@@ -45,18 +50,18 @@ def test_compare_writes_consistent_results_and_resumes(tmp_path, capsys):
         scores = {r["task"]: r["test_top1"] for r in done if r["method"] == method}
         line = next(ln for ln in summary.splitlines() if ln.startswith(f"| {method} |"))
         cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
-        assert float(cells[1]) == pytest.approx(scores["builtin:digits"], abs=0.05)
-        assert float(cells[2]) == pytest.approx(scores["builtin:shape_loc"], abs=0.05)
+        assert float(cells[1]) == pytest.approx(scores["builtin:digits"], abs=0.06)
+        assert float(cells[2]) == pytest.approx(scores["builtin:shape_loc"], abs=0.06)
         assert cells[3] == "failed"
         natural, structured = float(cells[4]), float(cells[5])
-        assert natural == pytest.approx(scores["builtin:digits"], abs=0.05)
-        assert structured == pytest.approx(scores["builtin:shape_loc"], abs=0.05)
+        assert natural == pytest.approx(scores["builtin:digits"], abs=0.06)
+        assert structured == pytest.approx(scores["builtin:shape_loc"], abs=0.06)
         assert cells[6] == "-" and cells[7] == "-", "no average over an incomplete set of tasks"
     assert "Failed runs" in summary
 
     # a rerun skips every finished run (and retries the failed ones)
     capsys.readouterr()
-    assert main(["compare", "--tasks", TASKS, "--output", str(out), *ARGS[:-1]]) == 0
+    assert main(["compare", "--tasks", TASKS, "--output", str(out), *args[:-1]]) == 0
     rerun = load_rows(out / "results.csv")
     assert {r["status"] for r in rerun} == {"done"}
     assert [r["test_top1"] for r in rerun] == [r["test_top1"] for r in done]
@@ -64,8 +69,8 @@ def test_compare_writes_consistent_results_and_resumes(tmp_path, capsys):
     line = next(ln for ln in summary.splitlines() if ln.startswith("| lora |"))
     cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
     lora = [r["test_top1"] for r in rerun if r["method"] == "lora"]
-    assert float(cells[5]) == pytest.approx(statistics.fmean(lora), abs=0.05)  # mean of groups
-    assert float(cells[6]) == pytest.approx(statistics.fmean(lora), abs=0.05)  # mean of tasks
+    assert float(cells[5]) == pytest.approx(statistics.fmean(lora), abs=0.06)  # mean of groups (shown rounded to 0.1)
+    assert float(cells[6]) == pytest.approx(statistics.fmean(lora), abs=0.06)  # mean of tasks
     assert "lora" in capsys.readouterr().out
 
 

@@ -19,7 +19,7 @@ from peftvision.config import TrainConfig
 from peftvision.errors import PeftVisionError
 from peftvision.run import finetune
 
-FAST = ["--epochs", "1", "--batch-size", "100", "--num-workers", "0", "--max-test", "200", "--quiet"]
+SHORT = ["--epochs", "1", "--batch-size", "100", "--num-workers", "0", "--max-test", "200", "--quiet"]
 
 
 @pytest.fixture(autouse=True)
@@ -28,15 +28,21 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PEFTVISION_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-def _run(tmp_path: Path, method: str, *extra: str) -> Path:
+@pytest.fixture
+def fast(backbone_checkpoint) -> list[str]:
+    """Flags of a short run on the embedded ViT architecture, weights from a local file."""
+    return ["--model", "pv_vit_tiny_32", "--checkpoint", backbone_checkpoint, *SHORT]
+
+
+def _run(tmp_path: Path, fast: list[str], method: str, *extra: str) -> Path:
     out = tmp_path / method
-    assert main(["finetune", "--method", method, "--output", str(out), *FAST, *extra]) == 0
+    assert main(["finetune", "--method", method, "--output", str(out), *fast, *extra]) == 0
     return out
 
 
 @pytest.mark.parametrize("method", pv.list_methods())
-def test_one_epoch_per_method_writes_every_file(tmp_path, method):
-    out = _run(tmp_path, method)
+def test_one_epoch_per_method_writes_every_file(tmp_path, fast, backbone_checkpoint, method):
+    out = _run(tmp_path, fast, method)
     for name in ("adapter_config.json", "adapter.safetensors", "metrics.json", "history.csv", "curves.png", "config.yaml", "log.jsonl"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
@@ -47,26 +53,23 @@ def test_one_epoch_per_method_writes_every_file(tmp_path, method):
     assert 0 <= metrics["test_top1"] <= 100
     rows = list(csv.DictReader(open(out / "history.csv")))
     assert len(rows) == 1 and float(rows[0]["val_top1"]) == pytest.approx(metrics["best_val_top1"])
-    model = pv.load_adapter(out)
+    model = pv.load_adapter(out, checkpoint=backbone_checkpoint)
     assert pv.param_report(model).trainable == metrics["trainable_params"]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_lora_learns_digits_well_above_chance(tmp_path):
+def test_lora_learns_digits_above_chance(tmp_path, fast):
     out = tmp_path / "lora"
-    assert main(["finetune", "--method", "lora", "--output", str(out), "--epochs", "3", "--batch-size", "32",
-                 "--num-workers", "0", "--quiet"]) == 0
+    assert main(["finetune", "--method", "lora", "--output", str(out), *fast, "--epochs", "3", "--batch-size", "32"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["test_top1"] > 50, metrics  # chance is 10%
+    # chance is 10%; 15% on 797 test images is > 4 binomial std above it, even from a random-init backbone
+    assert metrics["test_top1"] > 15, metrics
 
 
-def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path):
-    base = TrainConfig(method="lora", epochs=3, batch_size=100, num_workers=0, quiet=True, max_test=200,
+def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, backbone_checkpoint):
+    base = TrainConfig(method="lora", model="pv_vit_tiny_32", checkpoint=backbone_checkpoint, epochs=3, batch_size=100, num_workers=0, quiet=True, max_test=200,
                        options={"dropout": 0.1})
     full = finetune(dataclasses.replace(base, output=str(tmp_path / "full")))
-
-    class Stop(Exception):
-        pass
 
     def interrupt_after_first(state):
         if state.epoch == 1:
@@ -78,21 +81,21 @@ def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path):
     resumed = finetune(interrupted, resume=True)
     for key in ("best_val_top1", "test_top1", "best_epoch", "epochs_run"):
         assert resumed[key] == full[key], key
-    a = pv.load_adapter(tmp_path / "full").state_dict()
-    b = pv.load_adapter(tmp_path / "resumed").state_dict()
+    a = pv.load_adapter(tmp_path / "full", checkpoint=backbone_checkpoint).state_dict()
+    b = pv.load_adapter(tmp_path / "resumed", checkpoint=backbone_checkpoint).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_existing_run_is_not_overwritten(tmp_path):
-    out = _run(tmp_path, "linear")
+def test_existing_run_is_not_overwritten(tmp_path, fast):
+    out = _run(tmp_path, fast, "linear")
     before = (out / "metrics.json").read_text()
-    assert main(["finetune", "--method", "linear", "--output", str(out), *FAST]) == 2
+    assert main(["finetune", "--method", "linear", "--output", str(out), *fast]) == 2
     assert (out / "metrics.json").read_text() == before
 
 
-def test_nan_loss_stops_with_a_clear_message(tmp_path, capsys):
+def test_nan_loss_stops_with_a_clear_message(tmp_path, capsys, fast):
     out = tmp_path / "nan"
-    assert main(["finetune", "--method", "linear", "--output", str(out), *FAST, "--lr", "1e30", "--clip-grad", "0",
+    assert main(["finetune", "--method", "linear", "--output", str(out), *fast, "--lr", "1e30", "--clip-grad", "0",
                  "--optimizer", "sgd", "--epochs", "3"]) == 2
     err = capsys.readouterr().err
     assert "loss became" in err and "last good checkpoint" in err and len(err.strip().splitlines()) == 1
@@ -111,8 +114,8 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path, capsys):
         (["--resume", "/no/such/run"], "nothing to resume"),
     ],
 )
-def test_bad_input_gives_one_line(tmp_path, capsys, argv, message):
-    assert main(["finetune", "--output", str(tmp_path / "x"), *FAST, *argv]) == 2
+def test_bad_input_gives_one_line(tmp_path, capsys, fast, argv, message):
+    assert main(["finetune", "--output", str(tmp_path / "x"), *fast, *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
 
@@ -141,10 +144,10 @@ def test_recipes_in_the_repo_are_valid():
         pv.methods.build_config(cfg.method, cfg.options)
 
 
-def test_eval_and_predict_on_a_trained_adapter(tmp_path, capsys):
-    out = _run(tmp_path, "lora")
+def test_eval_and_predict_on_a_trained_adapter(tmp_path, capsys, fast, backbone_checkpoint):
+    out = _run(tmp_path, fast, "lora")
     capsys.readouterr()
-    assert main(["eval", "--adapter", str(out), "--dataset", "builtin:digits", "--num-workers", "0"]) == 0
+    assert main(["eval", "--checkpoint", backbone_checkpoint, "--adapter", str(out), "--dataset", "builtin:digits", "--num-workers", "0"]) == 0
     result = json.loads(capsys.readouterr().out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert result["top1"] >= 0 and result["split"] == "test"
@@ -157,7 +160,7 @@ def test_eval_and_predict_on_a_trained_adapter(tmp_path, capsys):
     image, label = task.dataset("test")[0]
     path = tmp_path / "digit.png"
     image.save(path)
-    assert main(["predict", "--adapter", str(out), str(path), "--top-k", "3"]) == 0
+    assert main(["predict", "--checkpoint", backbone_checkpoint, "--adapter", str(out), str(path), "--top-k", "3"]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(str(path)) and len(line.split(",")) == 3
     assert any(name in line for name in task.class_names)
@@ -165,18 +168,18 @@ def test_eval_and_predict_on_a_trained_adapter(tmp_path, capsys):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP on CPU is tested on Linux")
-def test_two_process_ddp_run(tmp_path):
+def test_two_process_ddp_run(tmp_path, fast, backbone_checkpoint):
     """Real gloo DDP with 2 CPU processes (accelerate's MULTI_CPU), as FACTS.md describes."""
     out = tmp_path / "ddp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "peftvision.cli", "finetune", "--method", "lora", "--output", str(out), "--epochs", "2",
-           "--batch-size", "50", "--num-workers", "0", "--max-test", "200", "--quiet"]
+           "-m", "peftvision.cli", "finetune", "--method", "linear", "--lr", "1e-2", "--output", str(out),
+           *fast, "--epochs", "2", "--batch-size", "50"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["processes"] == 2
-    assert metrics["test_top1"] > 20, metrics  # chance is 10%
+    assert metrics["test_top1"] > 15, metrics  # chance is 10%; random-init features
     assert len(list(csv.DictReader(open(out / "history.csv")))) == 2
-    assert pv.param_report(pv.load_adapter(out)).trainable == metrics["trainable_params"]
+    assert pv.param_report(pv.load_adapter(out, checkpoint=backbone_checkpoint)).trainable == metrics["trainable_params"]
