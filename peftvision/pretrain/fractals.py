@@ -41,6 +41,8 @@ class FractalConfig:
     steps: int = 28  # ... for this many steps, of which the first `burn_in` are dropped
     burn_in: int = 6
     scale: tuple[float, float] = (0.45, 1.0)  # main fractal's half-extent, as a fraction of the image's
+    max_rotation: float = 180.0  # degrees either way; FractalDB itself does not rotate
+    p_mirror: float = 0.5
     max_distractors: int = 2  # smaller fractals of random classes drawn behind the main one
     distractor_scale: tuple[float, float] = (0.15, 0.4)
     p_gray: float = 0.2  # grayscale images, as many downstream tasks are
@@ -165,8 +167,8 @@ class FractalTask:
         lo_s, hi_s = cfg.distractor_scale
         scale = rng.uniform(lo_s, hi_s, (size, n_obj))
         scale[:, -1] = np.exp(rng.uniform(np.log(cfg.scale[0]), np.log(cfg.scale[1]), size))
-        angle = rng.uniform(0, 2 * np.pi, (size, n_obj))
-        mirror = rng.random((size, n_obj)) < 0.5
+        angle = np.deg2rad(rng.uniform(-cfg.max_rotation, cfg.max_rotation, (size, n_obj)))
+        mirror = rng.random((size, n_obj)) < cfg.p_mirror
         centre = rng.uniform(-1, 1, (size, n_obj, 2)) * (1 - scale)[..., None]
 
         # Points of every object, then pose: mirror, rotate, scale, translate.
@@ -250,4 +252,5 @@ def _upsample(img: np.ndarray, size: int) -> np.ndarray:
     m = np.zeros((size, h))
     m[np.arange(size), i0] += 1 - w
     m[np.arange(size), i1] += w
-    return np.einsum("yh,bhwc,xw->byxc", m, img, m)
+    x = img.transpose(0, 3, 1, 2)  # (B, C, h, h)
+    return (m @ x @ m.T).transpose(0, 2, 3, 1)

@@ -222,6 +222,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # safetensors creates 0600 files; weights are package data
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -253,7 +254,7 @@ def save(model: Any, recipe: Recipe, output: Path, record: dict[str, Any]) -> tu
 
 # ----------------------------------------------------------------------------- training loop
 
-def pretrain(recipe: Recipe, output: Path, log: Any = print) -> dict[str, Any]:
+def pretrain(recipe: Recipe, output: Path, log: Any = print, command: str | None = None) -> dict[str, Any]:
     """Run the recipe and save the weights; returns the JSON record."""
     import timm
     if recipe.data.num_classes != PRETRAIN_CLASSES and output.resolve() == WEIGHTS_DIR:
@@ -308,7 +309,7 @@ def pretrain(recipe: Recipe, output: Path, log: Any = print) -> dict[str, Any]:
         architecture=ARCHITECTURES[recipe.model],
         parameters=n_params,
         pretrained_cfg=dict(input_size=INPUT_SIZE, mean=MEAN, std=STD, num_classes=recipe.data.num_classes),
-        command=f"python -m peftvision.pretrain --recipe recipes/pretrain-{recipe.model}.yaml",
+        command=command or f"python -m peftvision.pretrain --recipe recipes/pretrain-{recipe.model}.yaml",
         recipe=recipe.to_dict(),
         data=dict(
             kind="procedural IFS fractals (FractalDB-style), peftvision.pretrain.fractals",
@@ -346,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, parse_overrides(args.set), args.model)
-        pretrain(recipe, Path(args.output), log=lambda s: print(s, flush=True))
+        command = "python -m peftvision.pretrain " + " ".join(argv if argv is not None else sys.argv[1:])
+        pretrain(recipe, Path(args.output), log=lambda s: print(s, flush=True), command=command)
     except PeftVisionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
