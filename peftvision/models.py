@@ -35,8 +35,8 @@ from .weights import (
 __all__ = ["DEFAULT_MODEL", "DEFAULT_MODELS", "register_default_models"]
 
 _DESCRIPTION = (
-    "Pretrained by peftvision on procedurally generated IFS fractals (formula-driven, FractalDB-style: "
-    f"{PRETRAIN_CLASSES} fractal classes with random colour, pose and clutter); see "
+    "Pretrained by peftvision on procedurally generated scenes (formula-driven: geometric objects of "
+    f"{PRETRAIN_CLASSES} shapes over 8 textures; the head classifies the main object's shape); see "
     "peftvision/weights/{name}.json for data, steps, wall time and upstream accuracy."
 )
 

@@ -7,7 +7,9 @@ VTAB-1k protocol on every built-in task: features are the frozen model's pre-log
 logistic regression on standardised features picks its L2 strength C on `val200` after training on
 `train800`, is refitted on `train800val200` with that C and scored on `test`. The random baseline is
 `timm.create_model(name, pretrained=False)` after `torch.manual_seed(seed)`, the same seed protocol
-as the pretraining run's initialisation.
+as the pretraining run's initialisation. For a ViT, whose pretraining starts its position table from
+2-D sin-cos values, a second control is that random model with those positions: the gain over it is
+what the training itself added.
 """
 
 from __future__ import annotations
@@ -66,19 +68,22 @@ def make_model(name: str, pretrained: bool, seed: int = 0, weights_dir: str | No
     return timm.create_model(name, pretrained=pretrained, pretrained_cfg_overlay=overlay)
 
 
-def task_splits(
-    spec: str, model: nn.Module, splits: Iterable[str], seed: int = 0, batch_size: int = 250
-) -> dict[str, tuple[list[torch.Tensor], np.ndarray]]:
-    """Per split: (batches of images preprocessed for `model`, labels), through `peftvision.data`."""
+def task_images(
+    spec: str, model: nn.Module, seed: int = 0, batch_size: int = 250
+) -> tuple[dict[str, tuple[list[torch.Tensor], np.ndarray]], dict[str, np.ndarray]]:
+    """Images of train800val200 and test, preprocessed for `model` through `peftvision.data`, and the
+    positions of train800 / val200 inside train800val200 (so each image is encoded once)."""
     from ..data import build_loader, load_task, make_transform
 
     task = load_task(spec, seed=seed)
     transform = make_transform(model)  # the model's own size / mean / std; no augmentation
-    out = {}
-    for split in splits:
+    images = {}
+    for split in ("train800val200", "test"):
         ds = task.dataset(split, transform)
-        out[split] = ([x for x, _ in build_loader(ds, batch_size)], np.asarray(ds.labels))
-    return out
+        images[split] = ([x for x, _ in build_loader(ds, batch_size)], np.asarray(ds.labels))
+    where = {row: i for i, row in enumerate(task.indices("train800val200"))}
+    subsets = {s: np.array([where[row] for row in task.indices(s)]) for s in ("train800", "val200")}
+    return images, subsets
 
 
 def list_tasks(spec: str = "builtin:all") -> list[tuple[str, str]]:
@@ -91,21 +96,26 @@ def list_tasks(spec: str = "builtin:all") -> list[tuple[str, str]]:
 
 # ----------------------------------------------------------------------------- the benchmark
 
-SPLITS = ("train800", "val200", "train800val200", "test")
-
-
 def run(
     models: list[str], seed: int = 0, weights_dir: str | None = None, log: Any = print
 ) -> list[dict[str, Any]]:
+    from .run import sincos_pos_embed_
+
     rows = []
     for name in models:
-        nets = {"random": make_model(name, False, seed), "pretrained": make_model(name, True, seed, weights_dir)}
+        nets = {"random": make_model(name, False, seed)}
+        sincos = make_model(name, False, seed)
+        if sincos_pos_embed_(sincos):
+            nets["random_sincos"] = sincos
+        nets["pretrained"] = make_model(name, True, seed, weights_dir)
         for task, group in list_tasks():
             t0 = time.time()
-            data = task_splits(task, nets["pretrained"], SPLITS, seed)
+            images, subsets = task_images(task, nets["pretrained"], seed)
             row: dict[str, Any] = dict(model=name, task=task, group=group)
             for kind, net in nets.items():
-                feats = {s: (extract_features(net, data[s][0]), data[s][1]) for s in SPLITS}
+                feats = {s: (extract_features(net, x), y) for s, (x, y) in images.items()}
+                f, y = feats["train800val200"]
+                feats.update({s: (f[i], y[i]) for s, i in subsets.items()})
                 row[kind] = probe(feats)
             row["gain"] = row["pretrained"]["test"] - row["random"]["test"]
             log(f"{name} {task}: random {row['random']['test']:.3f} pretrained {row['pretrained']['test']:.3f} "
@@ -128,15 +138,19 @@ def to_markdown(rows: list[dict[str, Any]], seed: int) -> str:
     ]
     for name in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == name]
-        lines += [f"## {name}", "", "| task | group | random init | pretrained | gain |", "|---|---|---:|---:|---:|"]
+        control = "random_sincos" in mine[0]
+        head = "| task | group | random init |" + (" random + sin-cos positions |" if control else "")
+        lines += [f"## {name}", "", head + " pretrained | gain |", "|---|---|---:|" + ("---:|" if control else "") + "---:|---:|"]
         for r in mine:
-            lines.append(
-                f"| {r['task']} | {r['group']} | {100 * r['random']['test']:.1f} | "
-                f"{100 * r['pretrained']['test']:.1f} | {100 * r['gain']:+.1f} |"
-            )
+            cells = [r["task"], r["group"], f"{100 * r['random']['test']:.1f}"]
+            cells += [f"{100 * r['random_sincos']['test']:.1f}"] if control else []
+            cells += [f"{100 * r['pretrained']['test']:.1f}", f"{100 * r['gain']:+.1f}"]
+            lines.append("| " + " | ".join(cells) + " |")
         mean = lambda k: 100 * float(np.mean([r[k]["test"] for r in mine]))  # noqa: E731
         gain = 100 * float(np.mean([r["gain"] for r in mine]))
-        lines += [f"| **mean** | | **{mean('random'):.1f}** | **{mean('pretrained'):.1f}** | **{gain:+.1f}** |", ""]
+        cells = ["**mean**", "", f"**{mean('random'):.1f}**"] + ([f"**{mean('random_sincos'):.1f}**"] if control else [])
+        cells += [f"**{mean('pretrained'):.1f}**", f"**{gain:+.1f}**"]
+        lines += ["| " + " | ".join(cells) + " |", ""]
     return "\n".join(lines)
 
 
