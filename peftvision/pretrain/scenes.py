@@ -4,7 +4,8 @@ Every image is a textured background (one of `TEXTURES`) with 1 to `max_objects`
 of `SHAPES` at a random position, size, rotation and colour; the largest one, the *main* object, is
 drawn last. Each image carries what a vision backbone should be able to read from it: the main object's
 shape, where it is, how large and how rotated; how many objects there are; which texture lies behind.
-The pretraining task predicts all of them (see `peftvision.pretrain.run`).
+Each pixel is labelled too, with the texture or the shape that covers it. The pretraining task predicts all
+of them (see `peftvision.pretrain.run`).
 
 Nothing here is shared with the built-in evaluation suite (`peftvision.data.builtin`): its shapes
 (squares, ellipses, hearts, wedges, teardrops, spheres, cubes), glyphs, photos and land-cover or tissue
@@ -175,7 +176,8 @@ class SceneTask:
             image: (B, H, W, 3) uint8; label: (B,) int64 shape of the main object; count: (B,) int64
             number of objects minus one; texture: (B,) int64; pose: (B, 5) float32 of the main object
             (x, y in [-1, 1] image coordinates with y down, standardised log-radius, cos and sin of
-            symmetry-order x rotation); pose_mask: (B, 5) float32, 0 where undefined (a ring's rotation).
+            symmetry-order x rotation); pose_mask: (B, 5) float32, 0 where undefined (a ring's rotation);
+            segment: (B, H, W) uint8, what covers each pixel: texture index, or num_textures + shape index.
         """
         cfg = self.cfg
         rng = np.random.default_rng([seed, index, size])
