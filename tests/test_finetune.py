@@ -66,6 +66,19 @@ def test_lora_learns_digits_above_chance(tmp_path, fast):
     assert metrics["test_top1"] > 15, metrics
 
 
+def test_default_run_uses_the_shipped_backbone_and_task(tmp_path, monkeypatch):
+    """`peftvision finetune --method lora` with no model or dataset: the pretrained embedded ViT on
+    builtin:digits (shortened here to two epochs; `make demo` runs the full default)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["finetune", "--method", "lora", *SHORT, "--epochs", "2", "--lr", "5e-3"]) == 0
+    out = tmp_path / "runs" / "lora-digits"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["model"], metrics["dataset"]) == ("pv_vit_tiny_32", "builtin:digits")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["model"]["name"] == "pv_vit_tiny_32" and config["model"]["class_names"][0] == "0"
+    assert metrics["test_top1"] > 25, metrics  # chance is 10%
+
+
 def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, backbone_checkpoint):
     base = TrainConfig(method="lora", model="pv_vit_tiny_32", checkpoint=backbone_checkpoint, epochs=3, batch_size=100, num_workers=0, quiet=True, max_test=200,
                        options={"dropout": 0.1})
@@ -180,6 +193,8 @@ def test_two_process_ddp_run(tmp_path, fast, backbone_checkpoint):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["processes"] == 2
-    assert metrics["test_top1"] > 15, metrics  # chance is 10%; random-init features
-    assert len(list(csv.DictReader(open(out / "history.csv")))) == 2
+    # Random-init features and 16 optimizer steps: sensible means learning, not a good score.
+    history = list(csv.DictReader(open(out / "history.csv")))
+    assert len(history) == 2 and float(history[1]["train_loss"]) < float(history[0]["train_loss"]), history
+    assert metrics["test_top1"] > 10, metrics  # chance is 10%
     assert pv.param_report(pv.load_adapter(out, checkpoint=backbone_checkpoint)).trainable == metrics["trainable_params"]
