@@ -66,7 +66,7 @@ class Job:
             epochs=cc.epochs, batch_size=cc.batch_size, lr=self.lr, weight_decay=self.weight_decay, seed=self.seed,
             train_split="train800" if search else "train800val200", val_split="val200" if search else None,
             test_split=None if search else "test", num_workers=cc.num_workers, max_test=cc.max_test, quiet=True,
-            warmup_epochs=max(1.0, cc.epochs / 10),
+            warmup_epochs=cc.epochs / 10,  # the literature's 10 of 100 epochs
         )
 
 
