@@ -27,13 +27,13 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .config import method_options, parse_overrides
     from .freeze import param_report
     from .injection import inject
-    from .methods import list_methods
+    from .methods import get_method, list_methods
 
     overrides = parse_overrides(args.set)
     base = create_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes)
     methods = [args.method] if args.method else list_methods()
     table = Table(title=f"{args.model} ({args.num_classes} classes)")
-    for col in ("method", "trainable", "method params", "head params", "% of total", "adapter size"):
+    for col in ("method", "trainable", "method params", "head params", "% of total", "adapter size", "default lr"):
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     for name in methods:
         model = inject(copy.deepcopy(base), name, **method_options(name, overrides))
@@ -41,7 +41,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         size = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         table.add_row(
             name, f"{report.trainable:,}", f"{report.method_params:,}", f"{report.head_params:,}",
-            f"{report.percent:.3f}%", _human_bytes(size),
+            f"{report.percent:.3f}%", _human_bytes(size), f"{get_method(name).default_lr:g}",
         )
     Console().print(table)
 
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="run directory (default runs/METHOD-TASK)")
     p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
     p.add_argument("--batch-size", dest="batch_size", type=int, help=f"default {d.batch_size}")
-    p.add_argument("--lr", type=float, help=f"default {d.lr}")
+    p.add_argument("--lr", type=float, help="default: the method's own (see `peftvision info`)")
     p.add_argument("--weight-decay", dest="weight_decay", type=float, help=f"default {d.weight_decay}")
     p.add_argument("--seed", type=int, help=f"default {d.seed}")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], help=f"default {d.optimizer}")

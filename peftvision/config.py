@@ -24,7 +24,7 @@ class TrainConfig:
     options: dict[str, Any] = field(default_factory=dict)  # the method's options, e.g. {"r": 16}
     epochs: int = 7  # the default run (`make demo`) finishes in under 3 minutes on 2 CPU cores
     batch_size: int = 64  # VTAB-1k setting
-    lr: float = 1e-3  # AdamW lr of the VTAB-1k PETL literature
+    lr: float | None = None  # None = the method's own default (`peftvision info` lists them)
     weight_decay: float = 1e-4  # applied only to tensors with 2+ dims (not biases, norms, prompts' 1-d)
     optimizer: str = "adamw"  # adamw | sgd
     momentum: float = 0.9  # sgd only
@@ -48,7 +48,7 @@ class TrainConfig:
         checks = [
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.lr > 0, "lr must be > 0"),
+            (self.lr is None or self.lr > 0, "lr must be > 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (self.optimizer in ("adamw", "sgd"), "optimizer must be adamw or sgd"),
             (self.grad_accum >= 1, "grad_accum must be >= 1"),

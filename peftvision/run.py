@@ -38,11 +38,14 @@ def default_dataset() -> str:
 
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
-    """Fill the defaults that depend on what is installed (default model, task, output folder)."""
+    """Fill the defaults that depend on what is installed or on the method (model, task, output, lr)."""
+    from .methods import get_method
+
+    lr = cfg.lr if cfg.lr is not None else get_method(cfg.method).default_lr
     model = cfg.model or default_model()
     dataset = cfg.dataset or default_dataset()
     output = cfg.output or str(Path("runs") / f"{cfg.method}-{dataset.split(':')[-1].replace('/', '_')}")
-    return dataclasses.replace(cfg, model=model, dataset=dataset, output=output)
+    return dataclasses.replace(cfg, model=model, dataset=dataset, output=output, lr=lr)
 
 
 class _Log:
@@ -94,7 +97,7 @@ def finetune(
     from .export import load_tensors
     from .freeze import get_state, param_report
     from .injection import enable_grad_checkpointing, inject
-    from .train import evaluate_model, peak_memory_mb, plot_curves, train, write_history, write_json
+    from .train import evaluate_model, peak_memory_mb, plot_curves, reset_peak_memory, train, write_history, write_json
     from .ui import Progress, print_summary
 
     cfg = resolve_config(cfg)
@@ -106,6 +109,7 @@ def finetune(
             f"{output} already holds a run; continue it with --resume {output}, or choose another --output"
         )
 
+    reset_peak_memory()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
     main = accelerator.is_main_process
     set_seed(cfg.seed)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
-from .errors import PeftVisionError
+from .errors import ConfigError, PeftVisionError
 
 
 class TrainingDiverged(PeftVisionError):
@@ -33,6 +33,8 @@ class TrainingDiverged(PeftVisionError):
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Only trainable tensors; decay only matrices (nanoGPT's rule: p.dim() >= 2)."""
+    if cfg.lr is None:
+        raise ConfigError("lr is unset: resolve the config first (peftvision.run.resolve_config fills the method's)")
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -124,6 +126,19 @@ def peak_memory_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+
+
+def reset_peak_memory() -> None:
+    """Start `peak_memory_mb` afresh, so that runs sharing a process (`compare`) each report their own
+    peak rather than the largest so far. On Linux, writing 5 to /proc/self/clear_refs resets VmHWM."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere the peak stays process-wide (the largest of the runs so far)
 
 
 class _GracefulInterrupt:

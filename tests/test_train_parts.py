@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from conftest import make_input, make_model
 
 def test_optimizer_takes_only_trainable_and_decays_only_matrices():
     model = pv.inject(make_model("vit"), "lora")
-    opt = build_optimizer(model, TrainConfig(weight_decay=0.05))
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.05, lr=1e-3))
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     plain = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     trainable = {id(p): p for p in model.parameters() if p.requires_grad}
@@ -67,7 +69,7 @@ def test_checkpoint_round_trip_restores_training_exactly(tmp_path):
     def fresh():
         torch.manual_seed(0)
         model = pv.inject(make_model("vit"), "lora", dropout=0.1)
-        opt = build_optimizer(model, TrainConfig())
+        opt = build_optimizer(model, TrainConfig(lr=1e-3))
         return model, opt, build_scheduler(opt, 2, 10)
 
     model, opt, sched = fresh()
@@ -87,7 +89,7 @@ def test_checkpoint_round_trip_restores_training_exactly(tmp_path):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     model = pv.inject(make_model("vit"), "linear")
-    opt = build_optimizer(model, TrainConfig())
+    opt = build_optimizer(model, TrainConfig(lr=1e-3))
     sched = build_scheduler(opt, 1, 5)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     save_checkpoint(tmp_path / "ckpt", params, opt, sched, {"epoch": 1})
@@ -101,7 +103,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     model = pv.inject(make_model("vit"), "linear")
-    opt = build_optimizer(model, TrainConfig())
+    opt = build_optimizer(model, TrainConfig(lr=1e-3))
     with pytest.raises(PeftVisionError, match="no checkpoint in"):
         load_checkpoint(tmp_path, {}, opt, build_scheduler(opt, 1, 2))
 
@@ -114,3 +116,38 @@ def test_overrides_and_config_validation():
         TrainConfig.from_dict({"epochz": 3})
     with pytest.raises(ConfigError, match="mixed_precision must be no, bf16 or fp16"):
         TrainConfig(mixed_precision="fp8")
+
+
+@pytest.mark.parametrize("method", pv.list_methods())
+def test_lr_defaults_to_the_methods_own_and_a_given_lr_wins(method):
+    from peftvision.methods import get_method
+    from peftvision.run import resolve_config
+
+    assert TrainConfig(method=method).lr is None
+    assert resolve_config(TrainConfig(method=method)).lr == get_method(method).default_lr > 0
+    assert resolve_config(TrainConfig(method=method, lr=0.123)).lr == 0.123
+    with pytest.raises(ConfigError, match="lr must be > 0"):
+        TrainConfig(method=method, lr=0.0)
+    with pytest.raises(ConfigError, match="lr is unset"):
+        build_optimizer(torch.nn.Linear(2, 2), TrainConfig(method=method))
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not __import__("os").path.exists("/proc/self/clear_refs"),
+                    reason="the CPU peak (VmHWM) reset is Linux-only")
+def test_peak_memory_restarts_per_run():
+    """Runs that share a process (compare) must each report their own peak, not the largest so far."""
+    # in a fresh process: here, garbage collection of earlier tests' models could free memory mid-test
+    code = """
+import numpy as np
+from peftvision.train import peak_memory_mb, reset_peak_memory
+reset_peak_memory()
+start = peak_memory_mb()
+big = np.ones(200 * 2**20 // 8)  # 200 MB, touched, then given back to the OS
+del big
+before = peak_memory_mb()
+reset_peak_memory()
+print(start, before, peak_memory_mb())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    start, before, after = map(float, out.split())
+    assert before > start + 150 and after < before - 150

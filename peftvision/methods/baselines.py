@@ -35,6 +35,7 @@ class Linear(_Baseline):
     """Only the classifier head trains (the frozen backbone is a feature extractor)."""
 
     name = "linear"
+    default_lr = 3e-2  # a head from scratch on frozen features
 
     def trainable_parameters(self, model: nn.Module, backbone: Backbone, config: NoOptions) -> Iterator[nn.Parameter]:
         return iter(())
@@ -45,6 +46,7 @@ class Full(_Baseline):
     """Every weight trains, and dropout / drop-path behave as timm configured them."""
 
     name = "full"
+    default_lr = 1e-3  # short runs; long runs on big backbones want less (the vtab1k recipes use 1e-4)
     freeze_backbone = False
     saves_backbone = True
 
@@ -58,6 +60,7 @@ class BitFit(_Baseline):
     (Ben Zaken et al., 2022)."""
 
     name = "bitfit"
+    default_lr = 1e-2  # biases are few and start from pretrained values that tolerate large steps
 
     def trainable_parameters(self, model: nn.Module, backbone: Backbone, config: NoOptions) -> Iterator[nn.Parameter]:
         for module in model.modules():
