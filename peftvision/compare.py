@@ -182,10 +182,11 @@ def _progress_logger(cc: CompareConfig) -> Any:
             return
         what = f"[{i}/{n}] {row['kind']} {row['method']} on {row['task']} (seed {row['seed']}, lr {row['lr']:g})"
         if row["status"] == "failed":
-            console.print(f"{what}: [red]failed[/red]: {row['error']}")
+            console.print(f"{what}: [red]failed[/red]: {row['error']}", soft_wrap=True)
         else:
             score = row.get("test_top1") if row["kind"] == "final" else row.get("best_val_top1")
             label = "test" if row["kind"] == "final" else "val"
-            console.print(f"{what}: {row['status']}, {label} top-1 {score:.1f}%" if score is not None else f"{what}: {row['status']}")
+            console.print(f"{what}: {row['status']}, {label} top-1 {score:.1f}%" if score is not None else f"{what}: {row['status']}",
+                          soft_wrap=True)  # one line per run, also in a log file
 
     return log
