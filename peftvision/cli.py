@@ -20,7 +20,6 @@ def cmd_info(args: argparse.Namespace) -> None:
     """Parameter breakdown and adapter size of each method on a model (no weights are downloaded)."""
     import copy
 
-    from rich.console import Console
     from rich.table import Table
 
     from .backbone import create_model
@@ -28,6 +27,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .freeze import param_report
     from .injection import inject
     from .methods import get_method, list_methods
+    from .ui import print_wide
 
     overrides = parse_overrides(args.set)
     base = create_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes)
@@ -43,7 +43,7 @@ def cmd_info(args: argparse.Namespace) -> None:
             name, f"{report.trainable:,}", f"{report.method_params:,}", f"{report.head_params:,}",
             f"{report.percent:.3f}%", _human_bytes(size), f"{get_method(name).default_lr:g}",
         )
-    Console().print(table)
+    print_wide(table)
 
 
 def cmd_merge(args: argparse.Namespace) -> None:

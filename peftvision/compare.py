@@ -162,7 +162,7 @@ def compare(cc: CompareConfig) -> dict[str, Any]:
     if cc.search:
         chosen = _pick(_execute(_search_jobs(cc, tasks, root), cc, log))
     final = [
-        Job("final", m, t, s, *chosen.get((m, t), (get_method(m).default_lr, 1e-4)),
+        Job("final", m, t, s, *chosen.get((m, t), (get_method(m).default_lr, TrainConfig.weight_decay)),
             str(root / "runs" / _task_dir(t) / m / f"seed{s}"))
         for t in tasks for m in cc.methods for s in range(cc.seeds)
     ]

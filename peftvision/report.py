@@ -131,8 +131,9 @@ def summary_markdown(summary: dict[str, Any], title: str) -> str:
 
 def print_table(summary: dict[str, Any], title: str) -> None:
     """The same table in the terminal; wide, because a comparison has many columns."""
-    from rich.console import Console
     from rich.table import Table
+
+    from .ui import print_wide
 
     cols, rows = table_cells(summary)
     table = Table(title=title, caption=NOTE.replace("marked", "in green"))
@@ -141,9 +142,7 @@ def print_table(summary: dict[str, Any], title: str) -> None:
         table.add_column(c, justify="right", no_wrap=True)
     for m, cells in rows:
         table.add_row(m, *(f"[bold green]{t}[/]" if b else t for t, b in cells))
-    console = Console()
-    console.width = max(console.width, 40 + 11 * len(cols))
-    console.print(table)
+    print_wide(table)
 
 
 def plot(summary: dict[str, Any], root: Path) -> None:

@@ -6,6 +6,16 @@ from pathlib import Path
 from typing import Any
 
 
+def print_wide(table: Any) -> None:
+    """Print a rich table at its natural width. Off a terminal (a log file, CI) rich assumes 80
+    columns and squeezes wider tables, cutting cells such as 2,710,468 to '2,710,…'."""
+    from rich.console import Console
+
+    console = Console()
+    console.width = max(console.width, console.measure(table, options=console.options.update_width(10_000)).maximum)
+    console.print(table)
+
+
 class Progress:
     """A rich progress bar over all steps of a run: loss, img/s and ETA. A no-op when disabled."""
 
@@ -51,7 +61,6 @@ class Progress:
 
 
 def print_summary(metrics: dict[str, Any], output: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     def pct(v: Any) -> str:
@@ -73,4 +82,4 @@ def print_summary(metrics: dict[str, Any], output: Path) -> None:
     ]
     for k, v in rows:
         table.add_row(k, str(v))
-    Console().print(table)
+    print_wide(table)
