@@ -274,6 +274,56 @@ def test_lora_targets_only_the_requested_slices(family):
     torch.testing.assert_close(qkv(x), torch.nn.functional.linear(x, qkv.base_layer.weight + delta, qkv.bias))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method,opts", CASES, ids=IDS)
+def test_bf16_autocast_trains_every_parameter(family, method, opts):
+    """--mixed-precision bf16 on CPU runs each method's forward under autocast: dtypes must line up, and
+    the method must add no more rounding error than the backbone has on its own."""
+
+    def bf16_error(model: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+        y32 = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y16 = model(x)
+        return ((y16.float() - y32).norm() / y32.norm()).item(), y16
+
+    x = make_input(family)
+    base = make_model(family).train()
+    base_error, _ = bf16_error(base, x)  # ~0.5% on the tiny ViT, ~30% on the tiny Swin (1% on Swin-T)
+    model = pv.inject(base, method, **opts)
+    randomize_trainable(model)
+    error, y16 = bf16_error(model, x)
+    assert error <= 2 * base_error + 0.01
+    torch.nn.functional.cross_entropy(y16.float(), torch.tensor([0, 1])).backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.dtype == p.dtype and torch.isfinite(p.grad).all(), n
+
+
+@pytest.mark.parametrize("slices,num_slices", [((0, 2), 3), ((1,), 3), ((0, 1, 2), 3), ((0,), 1)])
+def test_lora_linear_output_and_gradients_equal_the_dense_update(slices, num_slices):
+    """The fused forward (one matmul for A, an in-place addmm for B) is W + scaling * B @ A, gradients too."""
+    from peftvision.methods.lora import LoRALinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(12, 18).requires_grad_(False)
+    layer = LoRALinear(base, slices, num_slices, r=2, alpha=3.0, dropout=0.0)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 5, 12, requires_grad=True)  # (batch, tokens, dim) as in a timm block
+    g = torch.randn(2, 5, 18)
+    layer(x).backward(g)
+    got = (x.grad, layer.lora_A.grad, layer.lora_B.grad)
+    x2 = x.detach().clone().requires_grad_(True)
+    a, b = layer.lora_A.detach().clone().requires_grad_(True), layer.lora_B.detach().clone().requires_grad_(True)
+    rows = torch.zeros(num_slices, 18 // num_slices, len(slices), 2)
+    for i, s in enumerate(slices):
+        rows[s, :, i, :] = b[i]  # the dense B written out independently of block_b()
+    dense = torch.nn.functional.linear(x2, base.weight + 1.5 * rows.reshape(18, -1) @ a, base.bias)
+    torch.testing.assert_close(layer(x), dense)
+    dense.backward(g)
+    for mine, ref in zip(got, (x2.grad, a.grad, b.grad)):
+        torch.testing.assert_close(mine, ref)
+
+
 FUNCTIONAL_QKV = {  # attentions that call F.linear(x, attn.qkv.weight, own q/v biases) instead of attn.qkv(x)
     "beit_base_patch16_224": dict(img_size=32, embed_dim=32, depth=2, num_heads=2),
     "eva02_tiny_patch14_224": dict(img_size=28, embed_dim=32, depth=2, num_heads=2),
