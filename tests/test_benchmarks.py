@@ -24,3 +24,15 @@ def test_bench_methods_runs_on_a_tiny_model(tmp_path):
     for variant in ("full", "lora", "peft-lora"):
         assert rows[variant]["step_s"] > 0 and rows[variant]["growth_mb"] > 0
     assert "Our LoRA vs HF PEFT" in proc.stdout
+
+
+def test_bench_lora_layer_runs_on_tiny_shapes(tmp_path):
+    out = tmp_path / "layer.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_lora_layer.py"), "--dim", "16", "--tokens", "5",
+           "--batch", "2", "--rounds", "2", "--warmup", "1", "--output", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ms = json.loads(out.read_text())["median_ms"]
+    assert {"frozen", "lora q,v", "lora q,k,v", "lora qkv", "peft lora qkv"} <= set(ms)
+    assert all(v > 0 for v in ms.values())
+    assert "| frozen |" in proc.stdout

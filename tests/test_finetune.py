@@ -155,6 +155,8 @@ def test_recipes_in_the_repo_are_valid():
             continue
         cfg = TrainConfig.from_dict(data)
         pv.methods.build_config(cfg.method, cfg.options)
+        if path.name.startswith("default-"):  # these document the defaults: they must not drift from them
+            assert cfg.lr == pv.methods.get_method(cfg.method).default_lr, path.name
 
 
 def test_eval_and_predict_on_a_trained_adapter(tmp_path, capsys, fast, backbone_checkpoint):
