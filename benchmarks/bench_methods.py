@@ -170,11 +170,17 @@ def bench_model(args: argparse.Namespace, model_name: str) -> dict[str, Any]:
     variants = [v for v in args.variants.split(",")]
     models = {v: build(model_name, v, args.num_classes, args.grad_checkpointing, args.compile).to(device) for v in variants}
     x, y = _data(model_name, args.batch, device)
-    print(f"[{model_name}] training steps ({args.warmup} warm-up + {args.steps}, interleaved)", file=sys.stderr)
-    train = interleaved({v: make_step(m, x, y) for v, m in models.items()}, args.warmup, args.steps)
+    train: dict[str, list[float]] = {}
+    if not args.no_train:
+        print(f"[{model_name}] training steps ({args.warmup} warm-up + {args.steps}, interleaved)", file=sys.stderr)
+        train = interleaved({v: make_step(m, x, y) for v, m in models.items()}, args.warmup, args.steps)
 
-    # inference: the plain base, every variant unmerged, and LoRA merged
-    infer_models: dict[str, nn.Module] = {"base": _plain(model_name, args.num_classes).to(device)}
+    # inference: the plain base (twice: two identical models show this run's noise floor), every variant
+    # unmerged, and LoRA merged
+    infer_models: dict[str, nn.Module] = {
+        "base": _plain(model_name, args.num_classes).to(device),
+        "base-copy": _plain(model_name, args.num_classes).to(device),
+    }
     for v, m in models.items():
         infer_models[v] = m
     for v in ("lora", "lora-qkv"):
@@ -196,17 +202,13 @@ def bench_model(args: argparse.Namespace, model_name: str) -> dict[str, Any]:
     for v in variants:
         m = models[v]
         trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
-        rows[v] = {
-            "step_s": statistics.median(train[v]),
-            "img_per_s": args.batch / statistics.median(train[v]),
-            "infer_s": statistics.median(infer[v]),
-            "trainable": trainable,
-            "adapter_bytes": adapter_bytes(m),
-        }
+        rows[v] = {"infer_s": statistics.median(infer[v]), "trainable": trainable, "adapter_bytes": adapter_bytes(m)}
+        if v in train:
+            rows[v].update(step_s=statistics.median(train[v]), img_per_s=args.batch / statistics.median(train[v]))
     for k in infer_models:
         if k not in rows:
             rows[k] = {"infer_s": statistics.median(infer[k])}
-    if not args.no_memory:
+    if not (args.no_memory or args.no_train):
         for v in variants:
             print(f"[{model_name}] memory: {v}", file=sys.stderr)
             rows[v].update(measure_memory(args, model_name, v))
@@ -278,6 +280,7 @@ def main() -> None:
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile every variant")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
+    p.add_argument("--no-train", action="store_true", help="time inference only (LoRA's B stays 0: same FLOPs)")
     p.add_argument("--output", default="benchmarks/results-methods.json")
     # internal: one memory measurement in a fresh process
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)

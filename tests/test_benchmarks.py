@@ -18,7 +18,7 @@ def test_bench_methods_runs_on_a_tiny_model(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["models"]["test_vit"]
-    assert set(rows) >= {"full", "lora", "lora-qkv", "peft-lora", "base", "lora-merged"}
+    assert set(rows) >= {"full", "lora", "lora-qkv", "peft-lora", "base", "base-copy", "lora-merged"}
     assert rows["lora"]["trainable"] < rows["full"]["trainable"]
     assert rows["lora-qkv"]["trainable"] == rows["peft-lora"]["trainable"]  # same config as HF PEFT
     for variant in ("full", "lora", "peft-lora"):
