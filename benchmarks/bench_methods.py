@@ -186,8 +186,10 @@ def bench_model(args: argparse.Namespace, model_name: str) -> dict[str, Any]:
     for v in ("lora", "lora-qkv"):
         if v in models:
             infer_models[f"{v}-merged"] = pv.merge(models[v])
-    for m in infer_models.values():
+    for k, m in infer_models.items():
         m.eval()
+        if args.compile and k not in models:  # variants were compiled in build(); compile the rest alike
+            infer_models[k] = torch.compile(m)
 
     def forward(m: nn.Module) -> Callable[[], None]:
         def run() -> None:

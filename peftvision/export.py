@@ -20,7 +20,7 @@ from torch import nn
 from . import __version__
 from .backbone import ModelSpec, architecture_signature, create_model, describe, model_spec, weights_fingerprint
 from .errors import AdapterFileError, ConfigError, PeftVisionError
-from .freeze import PeftState, get_state, remove_eval_hook
+from .freeze import PeftState, get_state, remove_eval_hook, unwrap
 from .injection import inject
 from .methods import config_to_dict, get_method
 
@@ -85,7 +85,7 @@ def _require_state(model: nn.Module) -> PeftState:
 def adapter_config(model: nn.Module, class_names: list[str] | None = None) -> dict[str, Any]:
     """The JSON description of an injected model's adapter."""
     state = _require_state(model)
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     spec = model_spec(model)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     num_classes = getattr(model, "num_classes", None)
@@ -119,7 +119,7 @@ def adapter_config(model: nn.Module, class_names: list[str] | None = None) -> di
 def save_adapter(model: nn.Module, directory: str | os.PathLike, class_names: list[str] | None = None) -> Path:
     """Write `adapter.safetensors` (the method's tensors + head) and `adapter_config.json` to `directory`."""
     config = adapter_config(model, class_names)
-    params = dict(getattr(model, "module", model).named_parameters())
+    params = dict(unwrap(model).named_parameters())
     directory = Path(directory)
     save_tensors({n: params[n] for n in config["tensors"]}, directory / WEIGHTS_NAME, {"format": FORMAT})
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
@@ -232,6 +232,7 @@ def merge(model: nn.Module, inplace: bool = False) -> nn.Module:
         model: an injected model whose method can merge (see `Method.mergeable`).
         inplace: modify `model` itself instead of a copy.
     """
+    model = unwrap(model)  # a compiled or DDP-wrapped model merges into a plain one
     state = _require_state(model)
     method = get_method(state.method)
     reason = method.mergeable(state.config)
@@ -258,7 +259,7 @@ def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
 def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write an HF PEFT adapter directory that `peft.PeftModel.from_pretrained(timm_model, dir)` loads."""
     state = _require_state(model)
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     peft_config, factors = get_method(state.method).to_peft(model, state.backbone, state.config)
     # the head trains with every method: PEFT calls that `modules_to_save`
     peft_config.modules_to_save = sorted({n.rsplit(".", 1)[0] for n in state.head_names}) or None

@@ -31,8 +31,18 @@ class PeftState:
     class_names: list[str] | None = None
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / FSDP (`.module`) and torch.compile (`._orig_mod`) wrappers, whose parameter
+    names carry a prefix that adapter files must not."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 def get_state(model: nn.Module) -> PeftState | None:
-    model = getattr(model, "module", model)  # unwrap DDP
+    model = unwrap(model)
     state = getattr(model, "peftvision_state", None)
     return state if isinstance(state, PeftState) else None
 
@@ -114,7 +124,7 @@ def param_report(model: nn.Module) -> ParamReport:
     state = get_state(model)
     if state is None:
         raise PeftVisionError("this model has no peftvision method; call peftvision.inject(model, method) first")
-    params = dict(getattr(model, "module", model).named_parameters())
+    params = dict(unwrap(model).named_parameters())
     count = lambda names: sum(params[n].numel() for n in names)  # noqa: E731
     method_names = [n for n in state.trainable_names if n not in set(state.head_names)]
     return ParamReport(state.method, count(method_names), count(state.head_names), sum(p.numel() for p in params.values()))

@@ -49,6 +49,26 @@ def test_save_load_round_trip(tmp_path, base_checkpoint, family, method):
     assert pv.param_report(loaded).trainable == pv.param_report(model).trainable
 
 
+def test_a_compiled_or_wrapped_model_saves_merges_and_exports_like_the_plain_one(tmp_path, base_checkpoint):
+    """torch.compile and DDP prefix parameter names (`_orig_mod.`, `module.`); adapter files must not."""
+    ckpt = base_checkpoint("vit")
+    model = trained("vit", "lora", ckpt)
+    x = make_input("vit")
+    y = model(x)
+    compiled = torch.compile(model)  # lazy: nothing is compiled unless it is called, which we never do
+    wrapped = torch.nn.Module()
+    wrapped.module = compiled  # as DistributedDataParallel holds it
+    for i, m in enumerate((compiled, wrapped)):
+        assert pv.get_state(m) is pv.get_state(model)
+        assert pv.param_report(m).trainable == pv.param_report(model).trainable
+        out = pv.save_adapter(m, tmp_path / f"a{i}")
+        torch.testing.assert_close(pv.load_adapter(out, checkpoint=ckpt).eval()(x), y, rtol=0, atol=0)
+        merged = pv.merge(m)
+        assert set(merged.state_dict()) == set(make_model("vit").state_dict())
+        torch.testing.assert_close(merged.eval()(x), y, rtol=0, atol=1e-5)
+        assert (pv.export_peft(m, tmp_path / f"p{i}") / "adapter_model.safetensors").exists()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_load_onto_a_given_model(tmp_path, base_checkpoint, family):
     ckpt = base_checkpoint(family)
