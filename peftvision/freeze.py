@@ -35,7 +35,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DDP / FSDP (`.module`) and torch.compile (`._orig_mod`) wrappers, whose parameter
     names carry a prefix that adapter files must not."""
     while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "module", None)
         if not isinstance(inner, nn.Module):
             return model
         model = inner
