@@ -26,7 +26,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .config import method_options, parse_overrides
     from .freeze import param_report
     from .injection import inject
-    from .methods import get_method, list_methods
+    from .methods import default_lr, list_methods
     from .ui import print_wide
 
     overrides = parse_overrides(args.set)
@@ -41,7 +41,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         size = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         table.add_row(
             name, f"{report.trainable:,}", f"{report.method_params:,}", f"{report.head_params:,}",
-            f"{report.percent:.3f}%", _human_bytes(size), f"{get_method(name).default_lr:g}",
+            f"{report.percent:.3f}%", _human_bytes(size), f"{default_lr(name, args.model):g}",
         )
     print_wide(table)
 
@@ -49,7 +49,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     """Fold an adapter into its base and write a plain timm checkpoint."""
     from .backbone import model_spec
-    from .export import load_adapter, save_merged
+    from .export import load_adapter, preprocessing, save_merged
 
     model = load_adapter(args.adapter, checkpoint=args.checkpoint, ignore_fingerprint=args.ignore_fingerprint)
     path = save_merged(model, args.output)
@@ -57,7 +57,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
     kwargs = "".join(f", {k}={v!r}" for k, v in spec.kwargs.items())
     print(
         f"wrote {path}: load it with timm.create_model({spec.name.split('.')[0]!r}, "
-        f"num_classes={model.num_classes}{kwargs}, checkpoint_path={str(path)!r})"
+        f"num_classes={model.num_classes}{kwargs}, checkpoint_path={str(path)!r}); preprocess as in training "
+        f"with timm.data.create_transform(**{preprocessing(model)!r})"
     )
 
 
@@ -97,7 +98,7 @@ def _train_config(args: argparse.Namespace) -> Any:
 FINETUNE_FLAGS = (
     "method", "model", "checkpoint", "dataset", "output", "epochs", "batch_size", "lr", "weight_decay", "seed",
     "optimizer", "warmup_epochs", "grad_accum", "clip_grad", "mixed_precision", "patience", "train_split",
-    "val_split", "num_workers", "augment", "quiet", "max_test", "grad_checkpointing",
+    "val_split", "num_workers", "augment", "quiet", "max_test", "grad_checkpointing", "resize",
 )
 
 
@@ -129,7 +130,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         from .errors import DataError
 
         raise DataError(f"{args.dataset} has {task.num_classes} classes, the adapter's head {model.num_classes}")
-    loader = build_loader(task.dataset(args.split, make_transform(model, train=False)), batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
+    from .freeze import get_state
+
+    transform = make_transform(model, train=False, resize=get_state(model).resize or "crop")
+    loader = build_loader(task.dataset(args.split, transform), batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
     import torch
 
     topk, labels = [], []
@@ -138,7 +142,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
             topk.append(topk_predictions(model(images)))
             labels.append(y)
     metrics = classification_metrics(torch.cat(topk), torch.cat(labels), task.num_classes)
-    print(json.dumps({"adapter": str(args.adapter), "dataset": args.dataset, "split": args.split, **metrics}))
+    print(json.dumps({"adapter": str(args.adapter), "dataset": args.dataset, "split": args.split,
+                      "images": len(loader.dataset), **metrics}))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -151,7 +156,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     model = load_adapter(args.adapter, checkpoint=args.checkpoint, ignore_fingerprint=args.ignore_fingerprint).eval()
     names = get_state(model).class_names
-    transform = make_transform(model, train=False)
+    transform = make_transform(model, train=False, resize=get_state(model).resize or "crop")
     for path in args.images:
         x = transform(open_image(path)).unsqueeze(0)
         with torch.no_grad():
@@ -221,8 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-grad", dest="clip_grad", type=float, help=f"max grad norm, 0 to disable (default {d.clip_grad})")
     p.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "bf16", "fp16"], help=f"default {d.mixed_precision}")
     p.add_argument("--patience", type=int, help="early stopping: epochs without a better val top-1 (default off)")
-    p.add_argument("--train-split", dest="train_split", help=f"default {d.train_split}")
-    p.add_argument("--val-split", dest="val_split", help=f"default {d.val_split}")
+    p.add_argument("--train-split", dest="train_split",
+                   help=f"default {d.train_split}: your training images but a 10%% val slice (builtin:/vtab: train800); "
+                        f"trainval, train800, train800val200")
+    p.add_argument("--val-split", dest="val_split",
+                   help=f"picks the best epoch; default {d.val_split} (builtin:/vtab: val200); none: keep the last "
+                        f"epoch and train on every training image")
+    p.add_argument("--resize", choices=["crop", "squash"],
+                   help="eval preprocessing; default: crop (the model's own eval transform) for imagefolder:/hf: "
+                        "photos, squash (whole image, VTAB-1k) for builtin:/vtab:")
     p.add_argument("--max-test", dest="max_test", type=int, help="cap the test set size")
     p.add_argument("--num-workers", dest="num_workers", type=int, help=f"DataLoader workers (default {d.num_workers})")
     p.add_argument("--augment", action="store_const", const=True, help="train-time augmentation (off in VTAB-1k)")

@@ -144,7 +144,7 @@ def _pick(search_rows: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[floa
 def compare(cc: CompareConfig) -> dict[str, Any]:
     """Run the comparison and write results.csv/json, summary.md and the plots into `cc.output`."""
     from .data import list_tasks
-    from .methods import get_method, list_methods
+    from .methods import default_lr, list_methods
     from .run import default_model
 
     unknown = [m for m in cc.methods if m not in list_methods()]
@@ -162,7 +162,7 @@ def compare(cc: CompareConfig) -> dict[str, Any]:
     if cc.search:
         chosen = _pick(_execute(_search_jobs(cc, tasks, root), cc, log))
     final = [
-        Job("final", m, t, s, *chosen.get((m, t), (get_method(m).default_lr, TrainConfig.weight_decay)),
+        Job("final", m, t, s, *chosen.get((m, t), (default_lr(m, cc.model), TrainConfig.weight_decay)),
             str(root / "runs" / _task_dir(t) / m / f"seed{s}"))
         for t in tasks for m in cc.methods for s in range(cc.seeds)
     ]

@@ -36,9 +36,13 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute activations in backward: ViT-S 35-62% less memory, 1.3-1.5x time
     seed: int = 0
     patience: int | None = None  # early stopping after this many epochs without a better val top-1
-    train_split: str = "train800"  # VTAB-1k: train800 + val200 to tune, train800val200 for the final run
-    val_split: str | None = "val200"  # None: no validation, the last epoch is kept
+    # Splits (peftvision/data/protocol.py): on your data (imagefolder:, hf:) train = every training image
+    # but a 10% model-selection slice (val), and test = test/, else val/, else a fixed 20% hold-out;
+    # on the benchmark tasks (builtin:, vtab:) train / val are VTAB-1k's train800 / val200.
+    train_split: str = "train"  # trainval: every image but test; train800 / train800val200: VTAB-1k
+    val_split: str | None = "val"  # picks the best epoch; None ("none"): no validation, the last epoch is kept
     test_split: str | None = "test"
+    resize: str | None = None  # crop | squash; None: the source's own (crop for photos, squash for builtin:/vtab:)
     augment: bool = False  # VTAB-1k protocol: no augmentation
     num_workers: int = 2
     max_test: int | None = None  # cap the test set (large VTAB test sets)
@@ -55,6 +59,7 @@ class TrainConfig:
             (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision must be no, bf16 or fp16"),
             (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
             (self.patience is None or self.patience >= 1, "patience must be >= 1"),
+            (self.resize in (None, "crop", "squash"), "resize must be crop or squash"),
         ]
         for ok, message in checks:
             if not ok:
@@ -80,6 +85,8 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
     """YAML and flags give "1e-3" or 3 where a float is meant: convert by the field's annotation."""
     if value is None or annotation.startswith("dict") or annotation == "str":
         return value
+    if annotation.endswith("| None") and isinstance(value, str) and value.strip().lower() in ("none", "null", ""):
+        return None  # --val-split none
     base = annotation.replace(" | None", "")
     try:
         if base == "float":

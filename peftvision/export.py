@@ -109,6 +109,7 @@ def adapter_config(model: nn.Module, class_names: list[str] | None = None) -> di
             "std": list(cfg.get("std", ())) or None,
             "interpolation": cfg.get("interpolation"),
             "crop_pct": cfg.get("crop_pct"),
+            "resize": state.resize,
         },
         "base_fingerprint": state.base_fingerprint,
         "architecture_signature": state.architecture_signature,
@@ -199,6 +200,8 @@ def load_adapter(
     _copy_tensors(model, state, tensors, directory)
     names = info.get("class_names")
     state.class_names = list(names) if names is not None else None
+    # adapters written before the field existed were all trained on squashed images
+    state.resize = info.get("resize", "squash")
     model.peftvision_spec = ModelSpec(info["name"], dict(info.get("kwargs") or {}))
     return model
 
@@ -242,15 +245,34 @@ def merge(model: nn.Module, inplace: bool = False) -> nn.Module:
     method.merge(merged, state.backbone, state.config)
     remove_eval_hook(merged)
     del merged.peftvision_state
+    if state.resize == "squash":  # timm's resolve_data_config(model=merged) then preprocesses as in training
+        merged.pretrained_cfg = {**(getattr(merged, "pretrained_cfg", None) or {}), "crop_pct": 1.0, "crop_mode": "squash"}
     for p in merged.parameters():
         p.requires_grad_(True)
     return merged
 
 
+def preprocessing(model: nn.Module) -> dict[str, Any]:
+    """The eval data config a model was trained with, as timm's `create_transform(**config)` takes it."""
+    import timm.data
+
+    from .data import input_size
+
+    state = get_state(model)
+    config = timm.data.resolve_data_config({}, model=unwrap(model))
+    config["input_size"] = input_size(unwrap(model))
+    if state is not None and state.resize == "squash":
+        config.update(crop_pct=1.0, crop_mode="squash")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+
+
 def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Merge and write a timm-loadable safetensors checkpoint (`pretrained_cfg_overlay=dict(file=...)`)."""
+    """Merge and write a timm-loadable safetensors checkpoint (`pretrained_cfg_overlay=dict(file=...)`).
+
+    The file's metadata holds the eval preprocessing (`peftvision.preprocessing`: the data config for
+    `timm.data.create_transform`), so the merged model can be fed exactly as in training."""
     merged = merge(model)
-    save_tensors(merged.state_dict(), path)
+    save_tensors(merged.state_dict(), path, {"format": "pt", "peftvision.preprocessing": json.dumps(preprocessing(model))})
     return Path(path)
 
 

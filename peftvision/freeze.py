@@ -29,6 +29,7 @@ class PeftState:
     head_names: list[str]
     frozen_modules: list[nn.Module] = field(default_factory=list)
     class_names: list[str] | None = None
+    resize: str | None = None  # eval preprocessing it was trained with: crop | squash (None: unknown)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -39,13 +39,15 @@ def default_dataset() -> str:
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """Fill the defaults that depend on what is installed or on the method (model, task, output, lr)."""
-    from .methods import get_method
+    from .methods import default_lr
 
-    lr = cfg.lr if cfg.lr is not None else get_method(cfg.method).default_lr
     model = cfg.model or default_model()
+    lr = cfg.lr if cfg.lr is not None else default_lr(cfg.method, model)
     dataset = cfg.dataset or default_dataset()
     output = cfg.output or str(Path("runs") / f"{cfg.method}-{dataset.split(':')[-1].replace('/', '_')}")
-    return dataclasses.replace(cfg, model=model, dataset=dataset, output=output, lr=lr)
+    # no model selection: the val slice has no use, so train on it too
+    train_split = "trainval" if cfg.val_split is None and cfg.train_split == "train" else cfg.train_split
+    return dataclasses.replace(cfg, model=model, dataset=dataset, output=output, lr=lr, train_split=train_split)
 
 
 class _Log:
@@ -60,11 +62,11 @@ class _Log:
                 f.write(json.dumps({"time": round(time.time(), 3), "event": event, **data}, default=str) + "\n")
 
 
-def _build_loaders(cfg: TrainConfig, model: torch.nn.Module, task: Any) -> dict[str, Any]:
+def _build_loaders(cfg: TrainConfig, model: torch.nn.Module, task: Any, resize: str) -> dict[str, Any]:
     from .data import build_loader, make_transform
     from .train import EpochSampler
 
-    eval_tf = make_transform(model, train=False)
+    eval_tf = make_transform(model, train=False, resize=resize)
     train_tf = make_transform(model, train=True) if cfg.augment else eval_tf
     train_ds = task.dataset(cfg.train_split, train_tf)
     sampler = EpochSampler(len(train_ds), cfg.seed)
@@ -124,9 +126,14 @@ def finetune(
     inject(model, cfg.method, **cfg.options)
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(model)
+    resize = cfg.resize or task.resize
     get_state(model).class_names = list(task.class_names)
+    get_state(model).resize = resize  # saved with the adapter: eval, predict and merge preprocess the same
     report = param_report(model)
-    loaders = _build_loaders(cfg, model, task)
+    loaders = _build_loaders(cfg, model, task, resize)
+    splits = {role: (name, task.about(name)) for role, name in
+              (("train", cfg.train_split), ("val", cfg.val_split), ("test", cfg.test_split)) if name}
+    log("data", task=repr(task), resize=resize, splits=splits, notes=list(task.notes))
 
     progress = Progress(cfg.epochs, enabled=main and not cfg.quiet)
 
@@ -166,6 +173,7 @@ def finetune(
         "dataset": cfg.dataset,
         "task_group": getattr(task, "group", None),
         "seed": cfg.seed,
+        "lr": cfg.lr,
         "epochs_run": state.epoch,
         "best_epoch": state.best_epoch,
         "trainable_params": report.trainable,
@@ -174,6 +182,9 @@ def finetune(
         "trainable_percent": report.percent,
         "adapter_bytes": (output / "adapter.safetensors").stat().st_size,
         "best_val_top1": state.best_top1 if state.best_top1 >= 0 else None,
+        "splits": {role: {"split": name, "images": len(task.split(name)), "about": about}
+                   for role, (name, about) in splits.items()},
+        "resize": resize,
         "test_top1": test.get("top1"),
         "test_top5": test.get("top5"),
         "test_mean_per_class_accuracy": test.get("mean_per_class_accuracy"),

@@ -61,20 +61,31 @@ class Progress:
 
 
 def print_summary(metrics: dict[str, Any], output: Path) -> None:
+    """The run's outcome in at most 100 columns, saying which images each number is on."""
+    from rich.console import Console
     from rich.table import Table
 
     def pct(v: Any) -> str:
         return "-" if v is None else f"{v:.2f}%"
 
+    splits = metrics.get("splits") or {}
+
+    def on(role: str) -> str:
+        return f" on {splits[role]['split']}" if role in splits else ""
+
     table = Table(title=f"{metrics['method']} on {metrics['dataset']}", show_header=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    best_val = f"{pct(metrics['best_val_top1'])} (epoch {metrics['best_epoch']}){on('val')}"
     rows = [
         ("model", metrics["model"]),
         ("trainable", f"{metrics['trainable_params']:,} ({metrics['trainable_percent']:.3f}%)"),
-        ("best val top-1", f"{pct(metrics['best_val_top1'])} (epoch {metrics['best_epoch']})"),
-        ("test top-1", pct(metrics["test_top1"])),
+        ("test top-1", pct(metrics["test_top1"]) + on("test")),
         ("test top-5", pct(metrics["test_top5"])),
+        ("best val top-1", best_val if "val" in splits or metrics["best_val_top1"] is not None else "- (no validation: last epoch kept)"),
+        *((f"{role} images", f"{split['split']}: {split['about']} ({split['images']:,})") for role, split in splits.items()),
+        ("preprocessing", {"crop": "the model's eval transform (resize, centre crop)",
+                           "squash": "whole image resized to the input size (VTAB-1k)"}.get(metrics.get("resize") or "", "-")),
         ("adapter size", f"{metrics['adapter_bytes'] / 1e3:,.1f} KB"),
         ("wall time (train)", f"{metrics['train_seconds']:.1f} s, {metrics['images_per_second']:.0f} img/s"),
         ("peak memory", f"{metrics['peak_memory_mb']:.0f} MB"),
@@ -82,4 +93,4 @@ def print_summary(metrics: dict[str, Any], output: Path) -> None:
     ]
     for k, v in rows:
         table.add_row(k, str(v))
-    print_wide(table)
+    Console(width=min(100, Console().width) if Console().is_terminal else 100).print(table)

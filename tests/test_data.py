@@ -58,32 +58,137 @@ def assert_protocol(task) -> None:
 # ----------------------------------------------------------------------------- imagefolder:
 
 
-def test_imagefolder_with_splits(tmp_path):
+def assert_user_splits(task) -> None:
+    """train and val partition trainval; test is disjoint from it."""
+    tr, va, both = (task.split(s) for s in ("train", "val", "trainval"))
+    assert sorted(np.concatenate([tr.indices, va.indices]).tolist()) == sorted(both.indices.tolist())
+    assert not set(tr.indices) & set(va.indices)
+    if task.split("test").source is both.source:
+        assert not set(task.indices("test")) & set(both.indices)
+
+
+def files_of(task, split: str) -> set[str]:
+    source = task.split(split).source
+    return {source.paths[int(i)] for i in task.indices(split)}
+
+
+def test_imagefolder_with_train_val_test(tmp_path):
     for split, n in (("train", 6), ("val", 2), ("test", 3)):
         class_folder(tmp_path / split, {"cat": n, "dog": n, "emu": n})
     task = load_task(f"imagefolder:{tmp_path}", seed=0)
     assert task.class_names == ("cat", "dog", "emu") and task.num_classes == 3 and task.group == "natural"
-    # Pool = train + val = 24 images < 1,000: scaled down 80/20, and the metadata says so.
-    assert task.sizes() == {"train800": 19, "val200": 5, "train800val200": 24, "test": 9}
+    # train/, val/ and test/ are used as they are: val/ picks the best epoch, test/ is reported
+    assert {s: task.sizes()[s] for s in ("train", "val", "trainval", "test")} == {"train": 18, "val": 6, "trainval": 24, "test": 9}
+    assert all(p.startswith(str(tmp_path / "val")) for p in files_of(task, "val"))
+    assert all(p.startswith(str(tmp_path / "test")) for p in files_of(task, "test"))
+    # VTAB-1k splits come from train + val = 24 images < 1,000: scaled down 80/20, and the notes say so.
+    assert {s: task.sizes()[s] for s in ("train800", "val200", "train800val200")} == {"train800": 19, "val200": 5, "train800val200": 24}
     assert task.meta["scaled_down"] and any("scaled down to 19/5" in n for n in task.notes)
     assert sorted(np.bincount(task.labels("test")).tolist()) == [3, 3, 3]
     assert_protocol(task)
+    assert_user_splits(task)
+    assert task.resize == "crop", "photos get the model's own eval transform"
     x, y = task.dataset("test")[0]
     assert isinstance(x, Image.Image) and x.mode == "RGB" and isinstance(y, int)
 
 
-def test_imagefolder_without_splits_is_split_by_seed(tmp_path):
+def test_imagefolder_train_and_val_reports_on_val(tmp_path):
+    """torchvision's train/ + val/ layout: val/ is what is reported; model selection is carved from train/."""
+    class_folder(tmp_path / "train", {"cat": 30, "dog": 20})
+    class_folder(tmp_path / "val", {"cat": 7, "dog": 5})
+    task = load_task(f"imagefolder:{tmp_path}", seed=0)
+    assert files_of(task, "test") == {str(p) for p in (tmp_path / "val").rglob("*.png")}
+    assert task.sizes()["trainval"] == 50 and task.sizes()["val"] == 5 and task.sizes()["train"] == 45
+    assert np.bincount(task.labels("val")).tolist() == [3, 2]  # 10 % of train/, stratified
+    assert all(p.startswith(str(tmp_path / "train")) for p in files_of(task, "trainval"))
+    assert task.about("test").startswith("val/") and task.sizes()["test"] == 12
+    assert_user_splits(task)
+    other = load_task(f"imagefolder:{tmp_path}", seed=1)
+    assert files_of(other, "test") == files_of(task, "test")
+    assert files_of(other, "val") != files_of(task, "val"), "the selection slice follows the run's seed"
+
+
+def test_imagefolder_without_splits_holds_out_a_fixed_test(tmp_path):
     class_folder(tmp_path, {"a": 20, "b": 20, "c": 10})
     t0 = load_task(f"imagefolder:{tmp_path}", seed=0)
-    assert t0.sizes() == {"train800": 32, "val200": 8, "train800val200": 40, "test": 10}
+    assert {s: t0.sizes()[s] for s in ("train", "val", "trainval", "test")} == {"train": 36, "val": 4, "trainval": 40, "test": 10}
+    assert t0.sizes()["train800val200"] == 40 and t0.sizes()["val200"] == 8
     assert t0.meta["test_held_out"]
-    assert np.bincount(t0.labels("test")).tolist() == [4, 4, 2]  # stratified hold-out
+    assert np.bincount(t0.labels("test")).tolist() == [4, 4, 2]  # stratified 20 % hold-out
     assert_protocol(t0)
+    assert_user_splits(t0)
     again, other = load_task(f"imagefolder:{tmp_path}", seed=0), load_task(f"imagefolder:{tmp_path}", seed=1)
     assert np.array_equal(t0.indices("train800"), again.indices("train800"))
+    assert np.array_equal(t0.indices("val"), again.indices("val"))
     assert not np.array_equal(np.sort(t0.indices("val200")), np.sort(other.indices("val200")))
     # The test set is the benchmark: it does not move with the seed.
     assert np.array_equal(t0.indices("test"), other.indices("test"))
+
+
+def test_a_large_folder_keeps_every_training_image(tmp_path):
+    """Your own data is not cut to VTAB-1k's 1,000 images: only 20 % is held out."""
+    for k in range(2):
+        folder = tmp_path / f"c{k}"
+        folder.mkdir()
+        for i in range(700):
+            Image.new("RGB", (2, 2), (k, i % 256, 0)).save(folder / f"{i}.png")
+    task = load_task(f"imagefolder:{tmp_path}", seed=0)
+    assert task.sizes()["test"] == 280 and task.sizes()["trainval"] == 1120 and task.sizes()["train800val200"] == 1000
+
+
+def test_file_names_with_split_words_do_not_make_splits(tmp_path):
+    """HF datasets infers splits from file names: `bullet_train.jpg`, `strainer.jpg`, `valley.jpg` once
+    loaded as ONE image. Only folder names may decide."""
+    names = ["466_n02917067_bullet_train", "828_n04332243_strainer", "979_n09468604_valley", "1_test_tube",
+             "2_validation_set", "3_dev_board", "4_plain", "5_trainee", "6_val", "7_test"]
+    for cls in ("object", "place"):
+        for n in names:
+            png(tmp_path / cls / f"{n}.jpg")
+    task = load_task(f"imagefolder:{tmp_path}", seed=0)
+    assert task.class_names == ("object", "place")
+    assert task.sizes()["trainval"] + task.sizes()["test"] == 20
+
+
+def test_symlinked_split_and_class_folders(tmp_path):
+    """Split folders (and class folders) that are symbolic links load like real ones."""
+    real = tmp_path / "real"
+    class_folder(real / "train", {"a": 6, "b": 6})
+    class_folder(real / "elsewhere" / "b", {"x": 3})
+    class_folder(real / "val", {"a": 3})
+    root = tmp_path / "linked"
+    root.mkdir()
+    (root / "train").symlink_to(real / "train", target_is_directory=True)
+    (root / "val").mkdir()
+    (root / "val" / "a").symlink_to(real / "val" / "a", target_is_directory=True)
+    (root / "val" / "b").symlink_to(real / "elsewhere" / "b", target_is_directory=True)  # b/x/*.png, nested
+    task = load_task(f"imagefolder:{root}", seed=0)
+    assert task.class_names == ("a", "b")
+    assert task.sizes()["trainval"] == 12 and task.sizes()["test"] == 6
+    assert sorted(np.bincount(task.labels("test")).tolist()) == [3, 3]
+
+
+def test_resize_per_source_and_override(tmp_path):
+    import timm
+
+    from peftvision.config import TrainConfig
+
+    class_folder(tmp_path, {"a": 5, "b": 5})
+    assert load_task(f"imagefolder:{tmp_path}").resize == "crop"
+    assert load_task("builtin:digits").resize == "squash"
+    assert TrainConfig(resize="squash").resize == "squash"
+    with pytest.raises(Exception, match="resize must be crop or squash"):
+        TrainConfig(resize="stretch")
+    # "crop" is timm's own eval transform for the model; "squash" keeps the whole image
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    wide = Image.new("RGB", (400, 200), (0, 0, 0))
+    wide.paste((255, 255, 255), (0, 0, 40, 200))  # a white band on the left tenth
+    cropped, squashed = make_transform(model, resize="crop")(wide), make_transform(model, resize="squash")(wide)
+    assert cropped.shape == squashed.shape == (3, 224, 224)
+    assert squashed[0, :, :10].mean() > 0.9 and cropped[0, :, :10].mean() < -0.9  # the crop cut the band off
+    reference = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    torch.testing.assert_close(cropped, reference(wide))
+    with pytest.raises(DataError, match="resize must be one of crop, squash"):
+        make_transform(model, resize="stretch")
 
 
 def test_grayscale_becomes_rgb_and_transform_matches_model(tmp_path):
@@ -95,7 +200,7 @@ def test_grayscale_becomes_rgb_and_transform_matches_model(tmp_path):
     task = load_task(f"imagefolder:{tmp_path}", seed=0)
     model = timm.create_model("test_vit", pretrained=False)
     cfg = model.pretrained_cfg
-    ds = task.dataset("test", make_transform(model))
+    ds = task.dataset("test", make_transform(model, resize="squash"))
     x, _ = ds[0]
     assert tuple(x.shape) == tuple(cfg["input_size"]) == (3, 160, 160)
     mean, std = torch.tensor(cfg["mean"]).view(3, 1, 1), torch.tensor(cfg["std"]).view(3, 1, 1)
@@ -105,10 +210,10 @@ def test_grayscale_becomes_rgb_and_transform_matches_model(tmp_path):
     assert tuple(make_transform(small)(open_image(tmp_path / "test" / "x" / "0.png")).shape) == (3, 64, 64)
     aug = make_transform(small, train=True)
     assert tuple(aug(Image.new("L", (20, 30), 9).convert("RGB")).shape) == (3, 64, 64)
-    # Evaluation resizes the whole image (VTAB-1k), no centre crop: a 1-px edge column survives.
+    # Squash resizes the whole image (VTAB-1k), no centre crop: a 1-px edge column survives.
     edge = Image.new("RGB", (40, 40), (0, 0, 0))
     edge.paste((255, 0, 0), (0, 0, 1, 40))
-    out = make_transform(small)(edge)  # (3, 64, 64), red channel normalised to (1 - .5) / .5 = 1
+    out = make_transform(small, resize="squash")(edge)  # (3, 64, 64), red channel normalised to (1 - .5) / .5 = 1
     assert out[0, :, 0].min() > 0.5 and out[0, :, 32].max() < -0.9
 
 
@@ -141,13 +246,40 @@ def test_hf_save_to_disk(tmp_path):
     task = load_task(f"hf:{tmp_path / 'ds'}", seed=3, max_test=8, group="structured")
     assert task.class_names == ("ant", "bee", "cow", "doe") and task.group == "structured"
     assert task.meta["image_column"] == "img" and task.meta["label_column"] == "y"
-    assert task.sizes() == {"train800": 32, "val200": 8, "train800val200": 40, "test": 8}
+    assert task.sizes() == {"train": 36, "val": 4, "trainval": 40, "train800": 32, "val200": 8, "train800val200": 40, "test": 8}
     assert np.bincount(task.labels("test")).tolist() == [2, 2, 2, 2]  # the cap is stratified
+    assert task.resize == "crop"
     x, y = task.dataset("train800")[0]
     assert x.size == (6, 6) and y == task.labels("train800")[0]
     # The pixels are the stored ones, in the split's order.
     row = int(task.indices("train800")[0])
     assert np.array_equal(np.asarray(x), np.asarray(dd["train"][row]["img"]))
+
+
+def test_hf_train_and_validation_reports_on_validation(tmp_path):
+    import datasets
+
+    features = datasets.Features({"img": datasets.Image(), "caption": datasets.Value("string"),
+                                  "y": datasets.ClassLabel(names=["ant", "bee"])})
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict(_hf_split(40, 2, 0), features=features),
+        "validation": datasets.Dataset.from_dict(_hf_split(10, 2, 1), features=features),
+    })
+    dd.save_to_disk(str(tmp_path / "ds"))
+    task = load_task(f"hf:{tmp_path / 'ds'}", seed=0)
+    assert {s: task.sizes()[s] for s in ("train", "val", "trainval", "test")} == {"train": 36, "val": 4, "trainval": 40, "test": 10}
+    assert "split validation" in task.about("test")
+    x, _ = task.dataset("test")[0]  # the pixels of the validation split's row (after train's 40 rows)
+    row = int(task.indices("test")[0]) - 40
+    assert 0 <= row < 10 and np.array_equal(np.asarray(x), np.asarray(dd["validation"][row]["img"]))
+    assert_user_splits(task)
+    # with a test split too, validation is the model-selection split and test is reported
+    dd["test"] = datasets.Dataset.from_dict(_hf_split(6, 2, 2), features=features)
+    dd.save_to_disk(str(tmp_path / "ds3"))
+    task = load_task(f"hf:{tmp_path / 'ds3'}", seed=0)
+    assert {s: task.sizes()[s] for s in ("train", "val", "trainval", "test")} == {"train": 40, "val": 10, "trainval": 50, "test": 6}
+    assert_user_splits(task)
+    assert_protocol(task)
 
 
 def test_hf_int_labels_single_split_and_column_override(tmp_path):
@@ -213,8 +345,9 @@ def test_vtab_layout(tmp_path, monkeypatch):
     fake_vtab(tmp_path)
     task = load_task("vtab:cifar", vtab_root=tmp_path)
     assert task.group == "natural" and task.num_classes == 100
-    assert task.sizes() == {"train800": 8, "val200": 2, "train800val200": 10, "test": 6}
+    assert task.sizes() == {"train800": 8, "val200": 2, "train800val200": 10, "test": 6, "train": 8, "val": 2, "trainval": 10}
     assert task.labels("train800").tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert task.split("train") is task.split("train800") and task.resize == "squash"  # a benchmark task
     assert any("not 1,000" in n for n in task.notes)
     x, y = task.dataset("test")[5]
     assert x.getpixel((0, 0))[0] in range(95, 106) and y == 1  # the image the list names, with its label
@@ -369,7 +502,8 @@ def test_builtin_task_protocol_and_loader():
     import timm
 
     t0, t0b, t1 = (load_task("builtin:digits", seed=s) for s in (0, 0, 1))
-    assert t0.sizes() == {"train800": 800, "val200": 200, "train800val200": 1000, "test": 797}
+    assert t0.sizes() == {"train800": 800, "val200": 200, "train800val200": 1000, "test": 797, "train": 800, "val": 200, "trainval": 1000}
+    assert t0.split("val") is t0.split("val200") and t0.resize == "squash"
     assert t0.group == "natural" and t0.class_names == tuple("0123456789")
     assert np.array_equal(t0.indices("train800"), t0b.indices("train800"))
     assert not np.array_equal(np.sort(t0.indices("train800")), np.sort(t1.indices("train800")))

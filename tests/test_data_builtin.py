@@ -63,7 +63,8 @@ def test_suite_sizes_groups_and_times(suite):
         assert set(np.unique(y)) == set(range(k)) == set(np.unique(ty)), name
         assert np.bincount(y).min() >= 0.8 * len(y) / k, name  # balanced enough for accuracy to mean something
         task = load_task(f"builtin:{name}", seed=0, max_test=500)
-        assert task.sizes() == {"train800": 800, "val200": 200, "train800val200": 1000, "test": 500}, name
+        assert task.sizes() == {"train800": 800, "val200": 200, "train800val200": 1000, "test": 500,
+                                "train": 800, "val": 200, "trainval": 1000}, name
         assert task.num_classes == k and task.name == f"builtin:{name}"
 
 

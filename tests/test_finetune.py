@@ -58,6 +58,56 @@ def test_one_epoch_per_method_writes_every_file(tmp_path, fast, backbone_checkpo
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _photo_folder(root: Path, layout: dict[str, int]) -> None:
+    """Small two-class image folders: class 'warm' is reddish, 'cool' bluish, with noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in layout.items():
+        for k, cls in enumerate(("cool", "warm")):
+            folder = root / split / cls if split else root / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 120, (40, 56, 3))
+                pixels[..., 0 if k else 2] += 120
+                Image.fromarray(pixels.astype("uint8")).save(folder / f"{split or 'x'}_{i}.png")
+
+
+def test_train_and_val_folders_report_on_val_and_eval_agrees(tmp_path, capsys, fast, backbone_checkpoint):
+    """train/ + val/: the run reports on val/, picks its epoch on a slice of train/, preprocesses photos
+    with the model's own crop, records that, and `peftvision eval` gives the run's own number."""
+    data = tmp_path / "photos"
+    _photo_folder(data, {"train": 40, "val": 12})
+    out = tmp_path / "run"
+    assert main(["finetune", "--method", "lora", "--dataset", f"imagefolder:{data}", "--output", str(out), *fast,
+                 "--epochs", "2", "--batch-size", "16"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["splits"]["test"]["images"] == 24 and "val/" in metrics["splits"]["test"]["about"]
+    assert metrics["splits"]["val"]["images"] == 8 and metrics["splits"]["train"]["images"] == 72
+    assert metrics["resize"] == "crop"
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["model"]["resize"] == "crop"
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", backbone_checkpoint, "--adapter", str(out), "--dataset", f"imagefolder:{data}",
+                 "--num-workers", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["top1"] == pytest.approx(metrics["test_top1"]) and result["images"] == 24
+
+    # --resize squash is recorded too, and eval follows it; --val-split none trains on every image
+    out2 = tmp_path / "run2"
+    assert main(["finetune", "--method", "linear", "--dataset", f"imagefolder:{data}", "--output", str(out2), *fast,
+                 "--resize", "squash", "--val-split", "none"]) == 0
+    metrics = json.loads((out2 / "metrics.json").read_text())
+    assert json.loads((out2 / "adapter_config.json").read_text())["model"]["resize"] == "squash"
+    assert metrics["splits"]["train"] == {"split": "trainval", "images": 80, "about": metrics["splits"]["train"]["about"]}
+    assert "val" not in metrics["splits"] and metrics["best_val_top1"] is None
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", backbone_checkpoint, "--adapter", str(out2), "--dataset", f"imagefolder:{data}",
+                 "--num-workers", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(metrics["test_top1"])
+
+
 def test_lora_learns_digits_above_chance(tmp_path, fast):
     out = tmp_path / "lora"
     assert main(["finetune", "--method", "lora", "--output", str(out), *fast, "--epochs", "3", "--batch-size", "32"]) == 0
@@ -156,7 +206,7 @@ def test_recipes_in_the_repo_are_valid():
         cfg = TrainConfig.from_dict(data)
         pv.methods.build_config(cfg.method, cfg.options)
         if path.name.startswith("default-"):  # these document the defaults: they must not drift from them
-            assert cfg.lr == pv.methods.get_method(cfg.method).default_lr, path.name
+            assert cfg.lr == pytest.approx(pv.methods.default_lr(cfg.method, cfg.model)), path.name
 
 
 def test_eval_and_predict_on_a_trained_adapter(tmp_path, capsys, fast, backbone_checkpoint):

@@ -124,7 +124,11 @@ def test_lr_defaults_to_the_methods_own_and_a_given_lr_wins(method):
     from peftvision.run import resolve_config
 
     assert TrainConfig(method=method).lr is None
-    assert resolve_config(TrainConfig(method=method)).lr == get_method(method).default_lr > 0
+    # the method's own lr is for real pretrained timm backbones; the embedded 32-px ones scale it 10x
+    own = get_method(method).default_lr
+    assert resolve_config(TrainConfig(method=method, model="vit_base_patch16_224.augreg2_in21k_ft_in1k")).lr == own > 0
+    assert resolve_config(TrainConfig(method=method)).lr == pytest.approx(10 * own)  # pv_vit_tiny_32
+    assert resolve_config(TrainConfig(method=method, model="pv_swin_tiny_32")).lr == pytest.approx(10 * own)
     assert resolve_config(TrainConfig(method=method, lr=0.123)).lr == 0.123
     with pytest.raises(ConfigError, match="lr must be > 0"):
         TrainConfig(method=method, lr=0.0)

@@ -42,7 +42,7 @@ import numpy as np
 from ..errors import DataError
 from .hub import cache_root
 from .images import ArraySource
-from .protocol import hold_out, protocol_splits, whole
+from .protocol import benchmark_aliases, hold_out, protocol_splits, whole
 from .task import Group, Task
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,8 @@ def load_builtin(name: str, *, seed: int, max_test: int | None = None) -> Task:
     except (OSError, ValueError) as e:
         raise DataError(f"damaged cache {folder} ({e}); delete the folder and it will be regenerated") from None
     splits, notes, meta = protocol_splits(train, test, seed=seed, max_test=max_test, name=f"builtin:{name}")
+    meta["about_splits"] = {"test": "the task's test set"}
+    benchmark_aliases(splits, meta)
     meta.update(version=task.version, cache=str(folder), about=task.about)
     return Task(f"builtin:{name}", task.group, task.classes, splits, tuple(notes), meta)
 

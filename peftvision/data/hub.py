@@ -1,9 +1,8 @@
-"""`hf:` and `imagefolder:` specs, both through HF `datasets`.
+"""`hf:` specs through HF `datasets`.
 
-`hf:<repo_id>[:<config>]` loads a hub dataset (online, or from the local HF cache), and
-`hf:<dir>` a directory written by `save_to_disk`. `imagefolder:<dir>` is checked here first (missing
-folder, empty class folder, images outside class folders) because `datasets` silently drops an empty
-class and would shift every label after it.
+`hf:<repo_id>[:<config>]` loads a hub dataset (online, or from the local HF cache), and `hf:<dir>` a
+directory written by `save_to_disk`. The dataset's own train / validation / test splits become the
+task's roles (see protocol.py): train + validation without test reports on validation.
 """
 
 from __future__ import annotations
@@ -16,12 +15,11 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import DataError
-from .images import HFSource, IMAGE_EXTENSIONS, image_files
+from .folders import VAL_NAMES
+from .images import HFSource
 from .protocol import Pool, protocol_splits, whole
 from .task import Group, Task
 
-VAL_NAMES = ("validation", "valid", "val", "dev")
-SPLIT_DIRS = ("train", "test", *VAL_NAMES)
 LABEL_NAMES = ("label", "labels", "fine_label", "class", "target", "y")  # tried in order when no ClassLabel
 
 
@@ -186,25 +184,33 @@ def _task_from_splits(
         features[label_column], [_column(ds, label_column) for ds in used.values()], name, label_column
     )
     labels_by_role = dict(zip(used, labels))
-    if "validation" in used:  # one training pool: VTAB-1k's 1,000 images may come from either
-        train_ds = datasets.concatenate_datasets([used["train"], used["validation"]])
-        train_labels = np.concatenate([labels_by_role["train"], labels_by_role["validation"]])
-    else:
-        train_ds, train_labels = used["train"], labels_by_role["train"]
     notes = list(notes)
-    train = _labelled(whole(HFSource(train_ds, image_column, f"{name} split train"), train_labels))
+    val = None
+    if "validation" in used:  # one source for train + validation: trainval is their union
+        train_ds = datasets.concatenate_datasets([used["train"], used["validation"]])
+        n_train = len(used["train"])
+        both = _labelled(whole(HFSource(train_ds, image_column, f"{name} split {train_key}+{val_key}"),
+                               np.concatenate([labels_by_role["train"], labels_by_role["validation"]])))
+        in_train = both.rows < n_train
+        train = Pool(both.source, both.rows[in_train], both.labels[in_train])
+        val = Pool(both.source, both.rows[~in_train], both.labels[~in_train])
+    else:
+        train = _labelled(whole(HFSource(used["train"], image_column, f"{name} split {train_key}"), labels_by_role["train"]))
     if len(train) == 0:
         raise DataError(f"{name}: the train split has no labelled images")
     test = None
     if "test" in used:
         test = _labelled(whole(HFSource(used["test"], image_column, f"{name} split test"), labels_by_role["test"]))
         if len(test) == 0:
-            notes.append("the test split has no labels: test held out from train instead")
+            notes.append("the test split has no labels: it is not used")
             test = None
-    split_map, more_notes, meta = protocol_splits(train, test, seed=seed, max_test=max_test, name=name)
-    _check_headers(split_map["train800val200"])
+    split_map, more_notes, meta = protocol_splits(
+        train, test, val=val, seed=seed, max_test=max_test, name=name,
+        names={"train": f"split {train_key}", "val": f"split {val_key}", "test": "split test"},
+    )
+    _check_headers(split_map["trainval"])
     meta.update(image_column=image_column, label_column=label_column)
-    return Task(name, group, class_names, split_map, tuple(notes + more_notes), meta)
+    return Task(name, group, class_names, split_map, tuple(notes + more_notes), meta, resize="crop")
 
 
 def _labelled(pool: Pool) -> Pool:
@@ -216,52 +222,3 @@ def _check_headers(split: Any) -> None:
     """Fail at load, naming the file, rather than in a worker an hour into training (1,000 headers: ~0.1 s)."""
     for i in split.indices:
         split.source.check(int(i))
-
-
-# ----------------------------------------------------------------------------- imagefolder:
-
-
-def load_imagefolder(path: str, *, seed: int, max_test: int | None = None, group: Group = "natural") -> Task:
-    """`path/<split>/<class>/*.png` (splits train, val, test) or `path/<class>/*.png` as a VTAB-1k task."""
-    import datasets
-
-    name = f"imagefolder:{path}"
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise DataError(f"{name}: no such folder")
-    split_dirs = _scan_imagefolder(root, name)
-    try:
-        with _quiet_datasets():
-            loaded = datasets.load_dataset(
-                "imagefolder", data_dir=str(root), drop_labels=False, cache_dir=str(cache_root() / "hf")
-            )
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f"{name}: cannot read the folder ({_first_line(e)})") from None
-    notes = () if split_dirs else ("no split folders: split by the VTAB-1k rules",)
-    return _task_from_splits(name, dict(loaded), seed, max_test, "image", "label", group, notes)
-
-
-def _scan_imagefolder(root: Path, name: str) -> list[str]:
-    """Validate the layout; return the split folder names ([] for a folder of class folders)."""
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    splits = [d for d in subdirs if d.name.lower() in SPLIT_DIRS]
-    if splits and not any(d.name.lower() == "train" for d in splits):
-        raise DataError(f"{name} has split folders ({', '.join(d.name for d in splits)}) but no train/")
-    for folder in splits or [root]:
-        _check_class_folders(folder, name)
-    return [d.name for d in splits]
-
-
-def _check_class_folders(folder: Path, name: str) -> None:
-    classes = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    loose = image_files(folder)
-    if loose:
-        raise DataError(
-            f"{name}: images directly in {folder} (e.g. {loose[0].name}); put them in one folder per class: "
-            f"{folder}/<class>/{loose[0].name}"
-        )
-    if not classes:
-        raise DataError(f"{name}: {folder} has no class folders; expected {folder}/<class>/*.jpg|png")
-    for d in classes:
-        if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in d.rglob("*") if p.is_file()):
-            raise DataError(f"{name}: empty class folder {d}; add images or remove the folder")

@@ -1,11 +1,23 @@
-"""The VTAB-1k splits, drawn from whatever pools a source has.
+"""How a task's splits are drawn from whatever pools a source has.
 
-Rules, in order (all draws stratified by class, with numpy Generators, so they are reproducible):
-  1. Test: the source's test pool; without one, a fixed hold-out from the training pool of
-     max(20 %, everything beyond 1,000 images). `max_test` keeps a stratified subset. Test sets use a
-     fixed seed, never the run's: runs with different seeds are scored on the same images.
-  2. train800val200: 1,000 images of the training pool drawn with the run's seed, split 800 / 200.
-     A smaller pool is used whole and split 80 / 20; the task's notes and meta say so.
+Two families of splits, both always present:
+
+- The user's data, all of it (`train`, `val`, `trainval`, `test`): what `finetune` uses by default
+  on `imagefolder:` and `hf:` sources.
+  1. test: the source's test pool; without one, its validation pool (`train/` + `val/` folders report
+     on `val/`, as torchvision's ImageFolder layout and the PyTorch transfer-learning tutorial do);
+     without either, a fixed stratified hold-out of 20 % of the training pool.
+  2. val (model selection): the source's validation pool when it also has a test pool; otherwise a
+     stratified 10 % slice of the training pool drawn with the run's seed. `train` is the rest.
+  3. trainval: train + val, every image that is not test.
+- The VTAB-1k protocol (`train800`, `val200`, `train800val200`, `test`): 1,000 images of `trainval`
+  drawn with the run's seed, split 800 / 200 (a smaller pool is used whole and split 80 / 20; the
+  notes say so). `compare` uses these on every source. Built-in and `vtab:` tasks are benchmark tasks
+  whose `train` / `val` / `trainval` *are* train800 / val200 / train800val200.
+
+All draws are stratified by class, with numpy Generators, so they are reproducible. Test sets and
+hold-outs use a fixed seed, never the run's: runs with different seeds are scored on the same
+images. `max_test` keeps a fixed stratified subset of the test set.
 """
 
 from __future__ import annotations
@@ -20,6 +32,9 @@ from .task import Split
 
 TRAIN, VAL = 800, 200
 TEST_SEED = 0x7E57  # fixed: hold-outs and test caps must not move with the run's seed
+HOLD_OUT = 0.2  # test share held out of a source that has neither a test nor a validation split
+VAL_STREAM = 0xCA4E  # the carve's own random stream: the VTAB-1k draws stay what they were
+VAL_FRACTION = 0.1  # model-selection slice carved from the training pool (more would cost training images)
 
 
 @dataclass(frozen=True)
@@ -56,8 +71,8 @@ def stratified_choice(labels: np.ndarray, n: int, rng: np.random.Generator) -> n
 
 
 def hold_out(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Fixed (train, test) positions for a source without a test split: the training side keeps at
-    most 1,000 images and at least 80 %."""
+    """Fixed (train, test) positions in the VTAB-1k manner (built-in tasks): the training side keeps
+    at most 1,000 images and at least 80 %."""
     n = len(labels)
     n_test = max(round(0.2 * n), n - (TRAIN + VAL))
     test = stratified_choice(labels, n_test, np.random.default_rng(TEST_SEED))
@@ -65,53 +80,112 @@ def hold_out(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return train, np.sort(test)
 
 
+def _subset(pool: Pool, positions: np.ndarray) -> Pool:
+    return Pool(pool.source, pool.rows[positions], pool.labels[positions])
+
+
 def protocol_splits(
     train: Pool,
     test: Pool | None,
     *,
     seed: int,
+    val: Pool | None = None,
     max_test: int | None = None,
     name: str = "",
+    names: dict[str, str] | None = None,
 ) -> tuple[dict[str, Split], list[str], dict]:
-    """The four VTAB-1k splits plus notes (for people) and meta (for programs) on what was done."""
+    """Every split of a task (see the module docstring), notes for people and meta for programs.
+
+    Args:
+        train, val, test: the source's pools; `val` must share `train`'s source (trainval is their union).
+        names: how to call each pool in descriptions ({"train": "train/", "val": "val/", ...}).
+    """
+    names = {"train": "the training pool", "val": "the validation pool", "test": "the test pool", **(names or {})}
     notes: list[str] = []
+    about: dict[str, str] = {}
     meta: dict = {"seed": seed}
-    if test is None:
+    if val is not None and len(val) == 0:
+        val = None
+    if test is None and val is not None:  # train/ + val/: val/ is what the user reports on
+        test, val = val, None
+        about["test"] = f"{names['val']} (there is no test split, so it is what is reported)"
+        meta["test_from_val"] = True
+    elif test is None:
         if len(train) < 3:
             raise DataError(f"{name}: only {len(train)} labelled images; need at least 3 (train, val, test)")
-        tr, te = hold_out(train.labels)
-        notes.append(f"no test split: {len(te)} of {len(train)} images held out as test (fixed, seed-independent)")
-        train, test = Pool(train.source, train.rows[tr], train.labels[tr]), Pool(train.source, train.rows[te], train.labels[te])
+        n_test = max(1, round(HOLD_OUT * len(train)))
+        te = np.sort(stratified_choice(train.labels, n_test, np.random.default_rng(TEST_SEED)))
+        tr = np.setdiff1d(np.arange(len(train)), te)
+        about["test"] = f"held out of {names['train']}: {HOLD_OUT:.0%} per class, the same for every seed"
+        train, test = _subset(train, tr), _subset(train, te)
         meta["test_held_out"] = True
+    else:
+        about["test"] = names["test"]
     if len(train) < 2:
-        raise DataError(f"{name}: only {len(train)} training images; need at least 2 (train800 and val200)")
+        raise DataError(f"{name}: only {len(train)} training images; need at least 2 (train and val)")
     if len(test) == 0:
         raise DataError(f"{name}: the test split is empty")
 
-    n = min(TRAIN + VAL, len(train))
-    n_val = max(1, round(n * VAL / (TRAIN + VAL)))
+    # trainval: every image that is not test
+    if val is not None:
+        if val.source is not train.source:
+            raise ValueError("val and train pools must share one source")
+        trainval = Pool(train.source, np.concatenate([train.rows, val.rows]), np.concatenate([train.labels, val.labels]))
+    else:
+        trainval = train
+
+    # ---- the VTAB-1k protocol: 1,000 images of trainval, 800 / 200
     rng = np.random.default_rng(seed)
-    chosen = stratified_choice(train.labels, n, rng)
-    val = stratified_choice(train.labels[chosen], n_val, rng)
+    n = min(TRAIN + VAL, len(trainval))
+    n_vtab_val = max(1, round(n * VAL / (TRAIN + VAL)))
+    chosen = stratified_choice(trainval.labels, n, rng)
+    vtab_val = stratified_choice(trainval.labels[chosen], n_vtab_val, rng)
     is_val = np.zeros(n, dtype=bool)
-    is_val[val] = True
+    is_val[vtab_val] = True
     if n < TRAIN + VAL:
-        notes.append(f"only {len(train)} training images: train800/val200 scaled down to {n - n_val}/{n_val}")
-    meta.update(train_pool=len(train), scaled_down=n < TRAIN + VAL)
+        notes.append(f"VTAB-1k splits: only {len(trainval)} training images, train800/val200 scaled down to "
+                     f"{n - n_vtab_val}/{n_vtab_val}")
+    meta.update(train_pool=len(trainval), scaled_down=n < TRAIN + VAL)
+
+    # ---- the user's data: train / val / trainval
+    if val is not None:
+        user = {"train": train.take(np.arange(len(train))), "val": val.take(np.arange(len(val)))}
+        about.update(train=names["train"], val=names["val"])
+    else:
+        n_val = max(1, round(VAL_FRACTION * len(train)))
+        carved = stratified_choice(train.labels, n_val, np.random.default_rng([seed, VAL_STREAM]))
+        in_val = np.zeros(len(train), dtype=bool)
+        in_val[carved] = True
+        user = {"train": train.take(np.flatnonzero(~in_val)), "val": train.take(np.sort(carved))}
+        about.update(train=f"{names['train']} except the val slice",
+                     val=f"{VAL_FRACTION:.0%} of {names['train']} per class, drawn with the run's seed")
+    user["trainval"] = trainval.take(np.arange(len(trainval)))
+    about["trainval"] = "train + val: every image that is not test"
 
     test_positions = np.random.default_rng(TEST_SEED).permutation(len(test))
     if max_test is not None and len(test) > max_test:
         test_positions = stratified_choice(test.labels, max_test, np.random.default_rng(TEST_SEED))
         notes.append(f"test capped at {max_test} of {len(test)} images (stratified, fixed)")
+        about["test"] += f", capped at {max_test} (stratified, fixed)"
     meta.update(test_pool=len(test))
 
     splits = {
-        "train800": train.take(chosen[~is_val]),
-        "val200": train.take(chosen[is_val]),
-        "train800val200": train.take(chosen),
+        **user,
+        "train800": trainval.take(chosen[~is_val]),
+        "val200": trainval.take(chosen[is_val]),
+        "train800val200": trainval.take(chosen),
         "test": test.take(test_positions),
     }
+    meta["about_splits"] = about
     return splits, notes, meta
+
+
+def benchmark_aliases(splits: dict[str, Split], meta: dict) -> None:
+    """Benchmark tasks (built-in, vtab:) are VTAB-1k tasks: train / val / trainval are its splits."""
+    for alias, split in (("train", "train800"), ("val", "val200"), ("trainval", "train800val200")):
+        splits[alias] = splits[split]
+    meta["about_splits"] = {"train": "train800 (VTAB-1k)", "val": "val200 (VTAB-1k)",
+                     "trainval": "train800val200 (VTAB-1k)", "test": meta.get("about_splits", {}).get("test", "the test set")}
 
 
 def check_max_test(max_test: int | None) -> None:

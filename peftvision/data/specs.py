@@ -62,7 +62,7 @@ def load_task(
 
         return load_vtab(rest, root=vtab_root, max_test=max_test)
     if kind == "imagefolder":
-        from .hub import load_imagefolder
+        from .folders import load_imagefolder
 
         return load_imagefolder(rest, seed=seed, max_test=max_test, group=group or "natural")  # type: ignore[arg-type]
     from .hub import load_hf

@@ -18,8 +18,10 @@ from .images import ImageSource
 Group = Literal["natural", "specialized", "structured"]
 GROUPS: tuple[Group, ...] = ("natural", "specialized", "structured")  # VTAB's three task groups
 
-# VTAB-1k: train on train800, pick hyper-parameters on val200, then retrain on the union and report test.
-SPLITS = ("train800", "val200", "train800val200", "test")
+# The user's data (train / val for model selection / trainval = both / test) and the VTAB-1k protocol
+# (train on train800, pick hyper-parameters on val200, retrain on the union, report test); protocol.py.
+SPLITS = ("train", "val", "trainval", "test", "train800", "val200", "train800val200")
+Resize = Literal["crop", "squash"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,10 @@ class Task:
         class_names: one per class, index = label.
         splits: "train800", "val200", "train800val200", "test".
         notes: human-readable deviations from the protocol (a scaled-down pool, a held-out test set, ...).
-        meta: the same facts for programs (pool sizes, seed, "scaled_down", ...).
+        meta: the same facts for programs (pool sizes, seed, "scaled_down", "about" per split, ...).
+        resize: how evaluation preprocessing fits an image to the model: "crop" (the model's own eval
+            transform: resize, then centre crop; natural photos) or "squash" (the whole image resized
+            to the input size: VTAB-1k's rule, for tasks about where things are).
     """
 
     name: str
@@ -53,6 +58,7 @@ class Task:
     splits: Mapping[str, Split]
     notes: tuple[str, ...] = ()
     meta: Mapping[str, Any] = field(default_factory=dict)
+    resize: Resize = "squash"
 
     @property
     def num_classes(self) -> int:
@@ -66,6 +72,11 @@ class Task:
             return self.splits[name]
         except KeyError:
             raise DataError(f"{self.name} has no split {name!r}; splits: {', '.join(self.splits)}") from None
+
+    def about(self, split: str) -> str:
+        """Which images a split holds, in words, for run summaries: "val/ (no test split: it is reported)"."""
+        self.split(split)
+        return (self.meta.get("about_splits") or {}).get(split, split)
 
     def labels(self, split: str) -> np.ndarray:
         return self.split(split).labels.copy()

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import DataError
 from .images import FileSource
-from .protocol import fixed_splits
+from .protocol import benchmark_aliases, fixed_splits
 from .task import Group, Split, Task
 
 ROOT_ENV = "PEFTVISION_VTAB_ROOT"
@@ -89,7 +89,8 @@ def load_vtab(task: str, *, root: str | os.PathLike | None = None, max_test: int
     splits, notes, meta = fixed_splits(splits, max_test=max_test, name=name)
     for split in ("train800val200", "test"):  # the others are listed in the union (or are the union)
         _check_files(splits[split], base / f"{split}.txt")
-    meta.update(root=str(base.parent))
+    meta.update(root=str(base.parent), about_splits={"test": "test.txt"})
+    benchmark_aliases(splits, meta)
     class_names = _CLASS_NAMES.get(task, tuple(str(i) for i in range(num_classes)))
     return Task(name, group, class_names, splits, tuple(notes), meta)
 

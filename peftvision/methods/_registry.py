@@ -39,10 +39,9 @@ class Method:
     config_cls: ClassVar[type]
     freeze_backbone: ClassVar[bool] = True  # frozen modules run in eval mode while training
     saves_backbone: ClassVar[bool] = False  # the adapter file holds every weight (no base needed)
-    # AdamW lr when a run does not set one. It belongs to the method, not the trainer: each method
-    # reacts to lr differently, so one global default is wrong for most. The registered values were
-    # picked on val200 of two built-in tasks (count, landcover) for short runs (2 epochs, batch 64) on
-    # the embedded backbone; long runs on large backbones want the vtab1k recipes or `compare --search`.
+    # AdamW lr when a run does not set one, for a real pretrained backbone (`default_lr()` scales it
+    # for the embedded ones). It belongs to the method, not the trainer: each method reacts to lr
+    # differently, so one global default is wrong for most (benchmarks/default-lr.md).
     default_lr: ClassVar[float] = 1e-3
 
     def inject(self, model: nn.Module, backbone: Backbone, config: Any) -> None:
@@ -91,6 +90,14 @@ def get_method(name: str) -> Method:
         return _METHODS[name]()
     except KeyError:
         raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(_METHODS)}") from None
+
+
+def default_lr(method: str, model: str) -> float:
+    """The lr a run of `method` on `model` gets when none is given: the method's own, times the
+    backbone's `lr_scale` (10 for the small embedded backbones, 1 for every timm model)."""
+    from ..weights import lr_scale
+
+    return get_method(method).default_lr * lr_scale(model)
 
 
 def build_config(method: str | Method, options: dict[str, Any] | None = None) -> Any:

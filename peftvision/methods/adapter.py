@@ -101,7 +101,7 @@ def _width(module: nn.Module, fallback: int) -> int:
 class HoulsbyAdapter(Method):
     name = "adapter"
     config_cls = AdapterConfig
-    default_lr = 1e-2  # the up-projection starts at 0, as LoRA's B
+    default_lr = 1e-3  # the VTAB-1k literature's (AdamW); the up-projection starts at 0, as LoRA's B
 
     def inject(self, model: nn.Module, backbone: Backbone, config: AdapterConfig) -> None:
         children = ("attn", "mlp") if config.placement == "attn+ffn" else ("mlp",)

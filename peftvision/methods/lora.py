@@ -159,7 +159,7 @@ def _lora_sites(backbone: Backbone, config: LoRAConfig) -> list[tuple[BlockInfo,
 class LoRA(Method):
     name = "lora"
     config_cls = LoRAConfig
-    default_lr = 1e-2  # B starts at 0 and alpha / r = 1, so the update grows only as fast as lr lets it
+    default_lr = 1e-3  # the literature's; B starts at 0 and alpha / r = 1, so the update grows only as fast as lr lets it
 
     def inject(self, model: nn.Module, backbone: Backbone, config: LoRAConfig) -> None:
         for block, child, slices, num_slices in _lora_sites(backbone, config):

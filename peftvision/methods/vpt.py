@@ -227,7 +227,7 @@ class SwinPrompts(PeftModule):
 class _VPT(Method):
     config_cls = VPTConfig
     deep: bool
-    default_lr = 3e-2  # prompts start from scratch, like a head (the VPT paper's grid reaches far higher)
+    default_lr = 3e-3  # prompts start from scratch, like a head (the VPT paper's SGD grid reaches far higher)
 
     def inject(self, model: nn.Module, backbone: Backbone, config: VPTConfig) -> None:
         if backbone.family == "vit":

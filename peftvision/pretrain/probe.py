@@ -76,7 +76,7 @@ def task_images(
     from ..data import build_loader, load_task, make_transform
 
     task = load_task(spec, seed=seed)
-    transform = make_transform(model)  # the model's own size / mean / std; no augmentation
+    transform = make_transform(model, resize=task.resize)  # the model's own size / mean / std; no augmentation
     images = {}
     for split in ("train800val200", "test"):
         ds = task.dataset(split, transform)
