@@ -32,7 +32,7 @@ from torch import nn
 
 import peftvision as pv
 from peftvision.injection import enable_grad_checkpointing
-from peftvision.train import peak_memory_mb
+from peftvision.report import peak_memory_mb
 
 # variant name -> (method, options). "peft-lora" is HF PEFT's LoRA; "lora-qkv" is ours on the same
 # modules (the whole qkv) and rank, so the two do the same FLOPs.

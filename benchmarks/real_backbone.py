@@ -119,7 +119,7 @@ def plain_loop(kind: str, backbone: Path, train: list, test: list, num_classes: 
 
 def ours(run: str, backbone: Path, data: Path, epochs: int, batch_size: int, seed: int) -> dict[str, Any]:
     from peftvision.config import TrainConfig
-    from peftvision.run import finetune
+    from peftvision.finetune import finetune
 
     method, _, changes = run.partition("@")
     values: dict[str, Any] = {}

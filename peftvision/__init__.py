@@ -11,6 +11,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
+    "TrainConfig": "peftvision.config",
+    "finetune": "peftvision.finetune",
+    "load_task": "peftvision.data",
+    "make_transform": "peftvision.data",
+    "evaluate_model": "peftvision.evaluate",
     "inject": "peftvision.injection",
     "param_report": "peftvision.freeze",
     "get_state": "peftvision.freeze",
@@ -22,6 +27,7 @@ _API = {
     "create_model": "peftvision.backbone",
     "describe": "peftvision.backbone",
     "list_methods": "peftvision.methods",
+    "get_method": "peftvision.methods",
     "register_method": "peftvision.methods",
     "PeftVisionError": "peftvision.errors",
 }

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .errors import PeftVisionError
-from .export import load_tensors, save_tensors
+from .files import load_tensors, save_tensors
 
 TENSORS = "state.safetensors"
 META = "state.json"

@@ -71,79 +71,36 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {path}: load it with peft.PeftModel.from_pretrained(timm_model, '{path}')")
 
 
-def _train_config(args: argparse.Namespace) -> Any:
-    """TrainConfig from defaults < recipe < --set < explicit flags."""
-    from .config import parse_overrides
-    from .methods import list_methods
-    from .run import load_recipe
-    from .config import TrainConfig
-
-    values: dict[str, Any] = load_recipe(args.recipe) if args.recipe else {}
-    values["options"] = dict(values.get("options") or {})
-    for key, value in parse_overrides(args.set).items():
-        if key in list_methods():  # lora.r=16: an option of a method; kept only for the method that runs
-            if isinstance(value, dict):
-                values.setdefault("_method_options", {})[key] = value
-        else:
-            values[key] = value
-    for flag in FINETUNE_FLAGS:
-        if getattr(args, flag) is not None:
-            values[flag] = getattr(args, flag)
-    per_method = values.pop("_method_options", {})
-    method = values.get("method", TrainConfig.method)
-    values["options"].update(per_method.get(method, {}))
-    return TrainConfig.from_dict(values)
-
-
-FINETUNE_FLAGS = (
-    "method", "model", "checkpoint", "dataset", "output", "epochs", "batch_size", "lr", "weight_decay", "seed",
-    "optimizer", "warmup_epochs", "grad_accum", "clip_grad", "mixed_precision", "patience", "train_split",
-    "val_split", "num_workers", "augment", "quiet", "max_test", "grad_checkpointing", "resize",
-)
-
-
 def cmd_finetune(args: argparse.Namespace) -> None:
     """Fine-tune a backbone with one PEFT method and keep the best-on-validation adapter."""
-    import dataclasses
+    from .config import build_config, resume_config
+    from .finetune import finetune
 
-    from .run import finetune, read_run_config
-
-    if args.resume:  # the run's own config; only --epochs (to extend it) and --quiet may change
-        cfg = read_run_config(args.resume)
-        cfg = dataclasses.replace(cfg, epochs=args.epochs or cfg.epochs, quiet=bool(args.quiet), output=args.resume)
-        finetune(cfg, resume=True)
+    flags = {name: getattr(args, name) for name in args.config_fields}
+    if args.resume:
+        finetune(resume_config(args.resume, flags, recipe=args.recipe, sets=args.set), resume=True)
     else:
-        finetune(_train_config(args))
+        finetune(build_config(args.recipe, args.set, flags))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    """Accuracy of a trained adapter on a dataset split."""
+    """Accuracy of a trained adapter on a dataset split, preprocessed as in training."""
     import json
 
     from .data import build_loader, load_task, make_transform
-    from .evaluate import classification_metrics, topk_predictions
+    from .errors import DataError
+    from .evaluate import evaluate_model
     from .export import load_adapter
+    from .freeze import get_state
 
     model = load_adapter(args.adapter, checkpoint=args.checkpoint, ignore_fingerprint=args.ignore_fingerprint).eval()
     task = load_task(args.dataset, seed=args.seed)
     if task.num_classes != model.num_classes:
-        from .errors import DataError
-
         raise DataError(f"{args.dataset} has {task.num_classes} classes, the adapter's head {model.num_classes}")
-    from .freeze import get_state
-
     transform = make_transform(model, train=False, resize=get_state(model).resize or "crop")
-    loader = build_loader(task.dataset(args.split, transform), batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
-    import torch
-
-    topk, labels = [], []
-    with torch.no_grad():
-        for images, y in loader:
-            topk.append(topk_predictions(model(images)))
-            labels.append(y)
-    metrics = classification_metrics(torch.cat(topk), torch.cat(labels), task.num_classes)
-    print(json.dumps({"adapter": str(args.adapter), "dataset": args.dataset, "split": args.split,
-                      "images": len(loader.dataset), **metrics}))
+    loader = build_loader(task.dataset(args.split, transform), batch_size=args.batch_size, num_workers=args.num_workers)
+    metrics = evaluate_model(model, loader, task.num_classes)
+    print(json.dumps({"adapter": str(args.adapter), "dataset": args.dataset, "split": args.split, **metrics}))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -206,51 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
-    from .config import TrainConfig
-
-    d = TrainConfig()
     p = sub.add_parser("finetune", help="fine-tune a backbone with a PEFT method")
-    p.add_argument("--method", help=f"one of the registered methods (default {d.method})")
-    p.add_argument("--model", help="timm model name (default: peftvision's embedded backbone)")
-    p.add_argument("--checkpoint", help="local weights file for --model (instead of the hub)")
-    p.add_argument("--dataset", help="builtin:TASK, vtab:TASK, imagefolder:PATH or hf:REPO[:CONFIG] (default: built-in task)")
-    p.add_argument("--output", help="run directory (default runs/METHOD-TASK)")
-    p.add_argument("--epochs", type=int, help=f"default {d.epochs}")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help=f"default {d.batch_size}")
-    p.add_argument("--lr", type=float, help="default: the method's own (see `peftvision info`)")
-    p.add_argument("--weight-decay", dest="weight_decay", type=float, help=f"default {d.weight_decay}")
-    p.add_argument("--seed", type=int, help=f"default {d.seed}")
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], help=f"default {d.optimizer}")
-    p.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, help=f"default {d.warmup_epochs}")
-    p.add_argument("--grad-accum", dest="grad_accum", type=int, help=f"gradient accumulation steps (default {d.grad_accum})")
-    p.add_argument("--clip-grad", dest="clip_grad", type=float, help=f"max grad norm, 0 to disable (default {d.clip_grad})")
-    p.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "bf16", "fp16"], help=f"default {d.mixed_precision}")
-    p.add_argument("--patience", type=int, help="early stopping: epochs without a better val top-1 (default off)")
-    p.add_argument("--train-split", dest="train_split",
-                   help=f"default {d.train_split}: your training images but a 10%% val slice (builtin:/vtab: train800); "
-                        f"trainval, train800, train800val200")
-    p.add_argument("--val-split", dest="val_split",
-                   help=f"picks the best epoch; default {d.val_split} (builtin:/vtab: val200); none: keep the last "
-                        f"epoch and train on every training image")
-    p.add_argument("--resize", choices=["crop", "squash"],
-                   help="eval preprocessing; default: crop (the model's own eval transform) for imagefolder:/hf: "
-                        "photos, squash (whole image, VTAB-1k) for builtin:/vtab:")
-    p.add_argument("--max-test", dest="max_test", type=int, help="cap the test set size")
-    p.add_argument("--num-workers", dest="num_workers", type=int, help=f"DataLoader workers (default {d.num_workers})")
-    p.add_argument("--augment", action="store_const", const=True, help="train-time augmentation (off in VTAB-1k)")
-    p.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_const", const=True,
-                   help="recompute activations in backward: less memory, more time")
-    p.add_argument("--quiet", action="store_const", const=True, help="no progress bar or summary")
+    from .config import add_config_flags
+
+    fields = add_config_flags(p)
     p.add_argument("--recipe", help="YAML file with the same keys as these flags (flags override it)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config key or method option, e.g. lora.r=16")
-    p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR")
-    p.set_defaults(func=cmd_finetune)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a config key, or a method option as METHOD.OPTION=VALUE (repeatable)")
+    p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR (with --epochs: extend it)")
+    p.set_defaults(func=cmd_finetune, config_fields=fields)
 
     from .compare import CompareConfig
 
     c = CompareConfig()
     p = sub.add_parser("compare", help="compare methods on a task suite (VTAB-1k protocol)", formatter_class=fmt)
-    p.add_argument("--methods", default=",".join(c.methods), help="comma-separated method names")
+    p.add_argument("--methods", default="", help="comma-separated method names (default: every registered method)")
     p.add_argument("--tasks", default=c.tasks, help="builtin:all, vtab:all, or SPEC,SPEC,...")
     p.add_argument("--model", help="timm model name (default: peftvision's embedded backbone)")
     p.add_argument("--checkpoint", help="local weights file for --model")
@@ -284,10 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="one method (default: all registered methods)")
     p.add_argument("--num-classes", type=int, default=100, help="size of the classifier head")
     p.add_argument("--checkpoint", help="local weights file (not needed for counting)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="method option, e.g. lora.r=16")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option, as METHOD.OPTION=VALUE")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("merge", help="fold a LoRA adapter into a plain timm checkpoint", formatter_class=fmt)
+    p = sub.add_parser("merge", help="fold an adapter into a plain timm checkpoint (methods that can merge)", formatter_class=fmt)
     _adapter_source(p)
     p.add_argument("--output", required=True, help="output .safetensors file")
     p.set_defaults(func=cmd_merge)

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import statistics
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ WD_GRID = (1e-4, 1e-2)
 
 @dataclass
 class CompareConfig:
-    methods: tuple[str, ...] = ("linear", "full", "bitfit", "vpt-shallow", "vpt-deep", "adapter", "lora")
+    methods: tuple[str, ...] = ()  # empty: every registered method, in the registry's order
     tasks: str = "builtin:all"
     model: str = ""  # "" = the default backbone
     checkpoint: str | None = None
@@ -76,7 +74,7 @@ def run_job(job: Job, cc: CompareConfig, threads: int) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
-    from .run import finetune
+    from .finetune import finetune
 
     out = Path(job.output)
     row: dict[str, Any] = {**dataclasses.asdict(job)}
@@ -145,14 +143,15 @@ def compare(cc: CompareConfig) -> dict[str, Any]:
     """Run the comparison and write results.csv/json, summary.md and the plots into `cc.output`."""
     from .data import list_tasks
     from .methods import default_lr, list_methods
-    from .run import default_model
+    from .weights import DEFAULT_MODEL
 
+    cc = dataclasses.replace(cc, methods=tuple(cc.methods) or tuple(list_methods()))
     unknown = [m for m in cc.methods if m not in list_methods()]
     if unknown:
         raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(list_methods())}")
     if cc.seeds < 1 or cc.workers < 1:
         raise ConfigError("--seeds and --workers must be >= 1")
-    cc = dataclasses.replace(cc, model=cc.model or default_model())
+    cc = dataclasses.replace(cc, model=cc.model or DEFAULT_MODEL)
     tasks = list_tasks(cc.tasks)
     root = Path(cc.output)
     root.mkdir(parents=True, exist_ok=True)

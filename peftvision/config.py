@@ -1,52 +1,66 @@
-"""Run configuration: the `TrainConfig` dataclass, and dotted `key=value` overrides (`--set lora.r=16`).
+"""The run configuration and every way to set it: defaults < recipe YAML < `--set key=value` < flags.
 
-No torch import here: the CLI builds its parser from these defaults and must stay instant.
+`TrainConfig` is the one place a setting is declared: its fields generate the `finetune` flags
+(`add_config_flags`), recipes hold the same keys, and a resumed run reads it back from its directory.
+Method options (`lora.r=16`) travel one route: `method_options`.
+
+No torch import at module level: the CLI builds its parser from these defaults and must stay instant.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    """A config field whose help text is also its `--flag`'s help; `choices=` and `flag=False` go to the CLI."""
+    kwargs = {"default_factory": default} if callable(default) else {"default": default}
+    return field(metadata={"help": help, **extra}, **kwargs)
 
 
 @dataclass
 class TrainConfig:
     """Everything a run needs; a recipe YAML holds the same keys, and CLI flags override it."""
 
-    method: str = "lora"
-    model: str = ""  # "" = peftvision's embedded default backbone
-    checkpoint: str | None = None  # local weights file for the model (instead of the hub)
-    dataset: str = ""  # "" = the default built-in task
-    output: str = ""  # "" = runs/<method>-<task>
-    options: dict[str, Any] = field(default_factory=dict)  # the method's options, e.g. {"r": 16}
-    epochs: int = 7  # the default run (`make demo`) finishes in under 3 minutes on 2 CPU cores
-    batch_size: int = 64  # VTAB-1k setting
-    lr: float | None = None  # None = the method's own default (`peftvision info` lists them)
-    weight_decay: float = 1e-4  # applied only to tensors with 2+ dims (not biases, norms, prompts' 1-d)
-    optimizer: str = "adamw"  # adamw | sgd
-    momentum: float = 0.9  # sgd only
-    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to 0 (per step)
-    grad_accum: int = 1
-    clip_grad: float | None = 1.0  # max grad norm; None to disable
-    mixed_precision: str = "no"  # no | bf16 | fp16
-    label_smoothing: float = 0.0
-    grad_checkpointing: bool = False  # recompute activations in backward: ViT-S 35-62% less memory, 1.3-1.5x time
-    seed: int = 0
-    patience: int | None = None  # early stopping after this many epochs without a better val top-1
+    method: str = _opt("lora", "a registered method (`peftvision info` lists them)")
+    model: str = _opt("", "timm model name; empty: peftvision's embedded backbone")
+    checkpoint: str | None = _opt(None, "local weights file for the model (instead of the hub)")
+    dataset: str = _opt("", "builtin:TASK, vtab:TASK, imagefolder:PATH or hf:REPO[:CONFIG]; empty: a built-in task")
+    output: str = _opt("", "run directory; empty: runs/METHOD-TASK")
+    options: dict[str, Any] = _opt(dict, "the method's options; on the command line: --set METHOD.OPTION=VALUE", flag=False)
+    epochs: int = _opt(7, "the default run (`make demo`) finishes in under 3 minutes on 2 CPU cores")
+    batch_size: int = _opt(64, "per process; 64 is the VTAB-1k setting")
+    lr: float | None = _opt(None, "empty: the method's own for this backbone (`peftvision info` lists them)")
+    weight_decay: float = _opt(1e-4, "applied only to tensors with 2+ dims (not biases, norms, 1-d prompts)")
+    optimizer: str = _opt("adamw", "adamw or sgd", choices=("adamw", "sgd"))
+    momentum: float = _opt(0.9, "sgd only")
+    warmup_epochs: float = _opt(1.0, "linear warm-up, then cosine decay to 0 (per step)")
+    grad_accum: int = _opt(1, "gradient accumulation steps")
+    clip_grad: float | None = _opt(1.0, "max grad norm; 0 or none disables it")
+    mixed_precision: str = _opt("no", "no, bf16 or fp16", choices=("no", "bf16", "fp16"))
+    label_smoothing: float = _opt(0.0, "cross-entropy label smoothing")
+    grad_checkpointing: bool = _opt(False, "recompute activations in backward: ViT-S 35-62% less memory, 1.3-1.5x time")
+    seed: int = _opt(0, "model init, data order, and the draw of the val slice / VTAB-1k splits")
+    patience: int | None = _opt(None, "early stopping after this many epochs without a better val top-1")
     # Splits (peftvision/data/protocol.py): on your data (imagefolder:, hf:) train = every training image
     # but a 10% model-selection slice (val), and test = test/, else val/, else a fixed 20% hold-out;
     # on the benchmark tasks (builtin:, vtab:) train / val are VTAB-1k's train800 / val200.
-    train_split: str = "train"  # trainval: every image but test; train800 / train800val200: VTAB-1k
-    val_split: str | None = "val"  # picks the best epoch; None ("none"): no validation, the last epoch is kept
-    test_split: str | None = "test"
-    resize: str | None = None  # crop | squash; None: the source's own (crop for photos, squash for builtin:/vtab:)
-    augment: bool = False  # VTAB-1k protocol: no augmentation
-    num_workers: int = 2
-    max_test: int | None = None  # cap the test set (large VTAB test sets)
-    quiet: bool = False
+    train_split: str = _opt("train", "train (all but the val slice; builtin:/vtab: train800), trainval, train800, train800val200")
+    val_split: str | None = _opt("val", "picks the best epoch (builtin:/vtab: val200); none: keep the last epoch, train on every image")
+    test_split: str | None = _opt("test", "what is reported; none: no test")
+    resize: str | None = _opt(None, "eval preprocessing: crop (the model's own) or squash (whole image); "
+                                    "empty: crop for imagefolder:/hf: photos, squash for builtin:/vtab:",
+                              choices=("crop", "squash"))
+    augment: bool = _opt(False, "train-time augmentation (off in VTAB-1k)")
+    num_workers: int = _opt(2, "DataLoader worker processes")
+    max_test: int | None = _opt(None, "cap the test set size (large VTAB test sets)")
+    quiet: bool = _opt(False, "no progress bar or summary")
 
     def __post_init__(self) -> None:
         checks = [
@@ -79,8 +93,6 @@ class TrainConfig:
             raise ConfigError(str(e)) from None
 
 
-
-
 def _coerce(key: str, value: Any, annotation: str) -> Any:
     """YAML and flags give "1e-3" or 3 where a float is meant: convert by the field's annotation."""
     if value is None or annotation.startswith("dict") or annotation == "str":
@@ -100,6 +112,24 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"{key} must be a {base}, got {value!r}") from None
     return value
+
+
+# ----------------------------------------------------------------------------- sources of values
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe YAML: the same keys as TrainConfig (and `options` for the method)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping of config keys")
+    return data
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -137,3 +167,106 @@ def method_options(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(options, dict):
         raise ConfigError(f"--set {method}=... needs a field: {method}.<option>=value")
     return dict(options)
+
+
+def build_config(recipe: str | None = None, sets: list[str] | None = None, flags: dict[str, Any] | None = None) -> TrainConfig:
+    """TrainConfig from defaults < recipe < --set < flags (flags: the ones given, not None).
+
+    A recipe's `options:` and `--set METHOD.OPTION=...` are the method's options; options addressed to
+    another method than the one that runs are ignored, so one recipe can carry several methods'.
+    """
+    from .methods import list_methods
+
+    values: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    overrides = parse_overrides(sets)
+    methods = set(list_methods())
+    sections = [{k: v.pop(k) for k in list(v) if k in methods} for v in (values, overrides)]  # recipe, --set
+    values.update(overrides)
+    values.update({k: v for k, v in (flags or {}).items() if v is not None})
+    method = values.get("method", TrainConfig.method)
+    options = dict(values.get("options") or {})
+    for section in sections:
+        options.update(method_options(method, section))
+    values["options"] = options
+    return TrainConfig.from_dict(values)
+
+
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    """Fill the defaults that depend on what is installed, on the backbone or on the method."""
+    from .data import DEFAULT_TASK
+    from .methods import default_lr
+    from .weights import DEFAULT_MODEL
+
+    model = cfg.model or DEFAULT_MODEL
+    lr = cfg.lr if cfg.lr is not None else default_lr(cfg.method, model)
+    dataset = cfg.dataset or DEFAULT_TASK
+    output = cfg.output or str(Path("runs") / f"{cfg.method}-{dataset.split(':')[-1].replace('/', '_')}")
+    # no model selection: the val slice has no use, so train on it too
+    train_split = "trainval" if cfg.val_split is None and cfg.train_split == "train" else cfg.train_split
+    return dataclasses.replace(cfg, model=model, dataset=dataset, output=output, lr=lr, train_split=train_split)
+
+
+# ----------------------------------------------------------------------------- resuming
+
+RESUMABLE = ("epochs", "quiet")  # what may change when a run continues: extend it, silence it
+
+
+def read_run_config(output: str | Path) -> TrainConfig:
+    """The resolved config a run saved in its directory (to resume it)."""
+    import yaml
+
+    from .errors import PeftVisionError
+
+    path = Path(output) / "config.yaml"
+    if not path.is_file():
+        raise PeftVisionError(f"nothing to resume in {output}: no config.yaml there")
+    try:
+        return TrainConfig.from_dict(yaml.safe_load(path.read_text()))
+    except yaml.YAMLError:
+        raise PeftVisionError(f"{path} is damaged; cannot resume") from None
+
+
+def resume_config(output: str | Path, flags: dict[str, Any], recipe: str | None = None, sets: list[str] | None = None) -> TrainConfig:
+    """The saved config of the run in `output`, with only --epochs / --quiet applied; any other setting
+    is refused, since a run continued with other settings would be neither run."""
+    given = sorted(k for k, v in flags.items() if v is not None and k not in RESUMABLE and k != "output")
+    if recipe:
+        given.insert(0, "recipe")
+    if sets:
+        given.insert(0, "set")
+    if given:
+        names = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ConfigError(
+            f"--resume continues {output} with its saved settings; only --epochs and --quiet can change (got {names})"
+        )
+    cfg = read_run_config(output)
+    changes = {k: flags[k] for k in RESUMABLE if flags.get(k) is not None}
+    return dataclasses.replace(cfg, output=str(output), **changes)
+
+
+# ----------------------------------------------------------------------------- command-line flags
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> list[str]:
+    """One `--kebab-case` flag per config field (from its type, default and help); returns the field
+    names, whose parsed values are None when a flag is not given (so a recipe's value stands)."""
+    names = []
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        meta = dict(f.metadata)
+        if not meta.get("flag", True):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        shown = "" if default in (None, "") else f" (default {default})"
+        help_text = (meta.get("help", "") + shown).replace("%", "%%")
+        annotation = str(f.type).replace(" | None", "")
+        if annotation == "bool":
+            parser.add_argument(flag, dest=f.name, action="store_const", const=True, help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(annotation, str)
+            if str(f.type).endswith("| None") and kind is not str:
+                kind = str  # "none" is a value too; TrainConfig.from_dict converts it
+            parser.add_argument(flag, dest=f.name, type=kind, choices=meta.get("choices"), help=help_text,
+                                metavar=None if meta.get("choices") else f.name.upper())
+        names.append(f.name)
+    return names

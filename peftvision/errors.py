@@ -27,3 +27,7 @@ class DataError(PeftVisionError):
 
 class Interrupted(PeftVisionError):
     """Ctrl-C or SIGTERM during training: the last finished epoch is saved and can be resumed."""
+
+
+class TrainingDiverged(PeftVisionError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""

@@ -10,9 +10,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,6 +19,7 @@ from torch import nn
 from . import __version__
 from .backbone import ModelSpec, architecture_signature, create_model, describe, model_spec, weights_fingerprint
 from .errors import AdapterFileError, ConfigError, PeftVisionError
+from .files import atomic_write_text, load_tensors, save_tensors
 from .freeze import PeftState, get_state, remove_eval_hook, unwrap
 from .injection import inject
 from .methods import config_to_dict, get_method
@@ -28,49 +28,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 FORMAT = "peftvision-adapter"
 FORMAT_VERSION = 1
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call `write(tmp)` on a temp file next to `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a safetensors file; a missing, truncated or foreign file gives one clear error."""
-    from safetensors.torch import load_file
-
-    if not os.path.isfile(path):
-        raise AdapterFileError(f"{path} not found")
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for every kind of damage
-        raise AdapterFileError(
-            f"{path} is truncated or not a safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-            f"re-copy or re-train the adapter"
-        ) from None
 
 
 # ----------------------------------------------------------------------------- save
@@ -203,6 +160,17 @@ def load_adapter(
     # adapters written before the field existed were all trained on squashed images
     state.resize = info.get("resize", "squash")
     model.peftvision_spec = ModelSpec(info["name"], dict(info.get("kwargs") or {}))
+    return model
+
+
+def load_best(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Copy the trainable tensors of the adapter file in `directory` into `model` (in place): after
+    training, the best-on-validation adapter replaces the last epoch's."""
+    best = load_tensors(Path(directory) / WEIGHTS_NAME)
+    with torch.no_grad():
+        for name, p in unwrap(model).named_parameters():
+            if name in best:
+                p.copy_(best[name].to(p.device, p.dtype))
     return model
 
 

@@ -71,10 +71,17 @@ def apply_freeze(model: nn.Module, backbone: Backbone, trainable: list[nn.Parame
     if freeze_backbone:
         from .methods import PeftModule
 
+        # What trains runs in train mode: the head, and each method module with its own submodules --
+        # but not a wrapped `base_layer` (an adapter wraps timm's whole `mlp`, whose dropouts belong to
+        # the frozen backbone)
         live: set[int] = set()
         for name, m in model.named_modules():
-            if isinstance(m, PeftModule) or (name and backbone.is_head(name)):
+            if name and backbone.is_head(name):
                 live.update(id(x) for x in m.modules())
+            elif isinstance(m, PeftModule):
+                base = getattr(m, "base_layer", None)
+                wrapped = {id(x) for x in base.modules()} if isinstance(base, nn.Module) else set()
+                live.update(id(x) for x in m.modules() if id(x) not in wrapped)
         frozen = [m for m in model.modules() if id(m) not in live and m is not model]
     return method_names, head_names, frozen
 

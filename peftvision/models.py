@@ -8,7 +8,7 @@ builds a 32x32 ViT and loads the weights shipped in `peftvision/weights/` -- no 
 replacing the pretraining head by a fresh one of the requested size, exactly as timm does for its own
 models. The registration follows timm's pattern: a `default_cfgs` table whose pretrained cfg points
 at a local `file=`, and one `@register_model` entrypoint per name. Architectures and the pretraining
-recipe live in `peftvision.weights` (importable without torch) and `python -m peftvision.pretrain`.
+recipe live in `peftvision.weights` (importable without torch) and `python -m tools.pretrain`.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _cfg(name: str) -> dict[str, Any]:
         classifier=ARCHITECTURES[name]["classifier"],
         license="apache-2.0",
         description=_DESCRIPTION.format(name=name),
-        origin_url="peftvision (python -m peftvision.pretrain)",
+        origin_url="peftvision (python -m tools.pretrain)",
     )
 
 
@@ -79,7 +79,7 @@ def _check_weights(name: str, pretrained: bool, kwargs: dict[str, Any]) -> None:
     if pretrained and not overlay and not weights_path(name).is_file():
         raise FileNotFoundError(
             f"the weights of {name} are not in this install ({weights_path(name)}); "
-            f"create them with: python -m peftvision.pretrain --recipe recipes/pretrain-{name}.yaml"
+            f"create them with: python -m tools.pretrain --recipe recipes/pretrain-{name}.yaml"
         )
 
 

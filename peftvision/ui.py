@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +95,29 @@ def print_summary(metrics: dict[str, Any], output: Path) -> None:
     for k, v in rows:
         table.add_row(k, str(v))
     Console(width=min(100, Console().width) if Console().is_terminal else 100).print(table)
+
+
+class GracefulInterrupt:
+    """Turn the first Ctrl-C / SIGTERM into a flag the training loop checks between steps (so it stops
+    on a finished step with its checkpoint intact); a second one aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "GracefulInterrupt":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ (pretraining) is not installed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub call must fail fast, never hang on retries
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from peftvision.data import builtin, list_tasks, load_task
+from peftvision.data import builtin, list_tasks, load_task, procedural
 from peftvision.errors import DataError
 
 PROCEDURAL = ["shape_loc", "shape_ori", "count", "closest_dist", "cells", "landcover"]
@@ -32,8 +32,8 @@ def digest(arrays: dict[str, np.ndarray]) -> str:
 
 @pytest.mark.parametrize("name", PROCEDURAL)
 def test_generation_is_deterministic(name, monkeypatch):
-    monkeypatch.setattr(builtin, "N_TRAIN", 24)  # same code path, fewer images: fast
-    monkeypatch.setattr(builtin, "N_TEST", 16)
+    monkeypatch.setattr(procedural, "N_TRAIN", 24)  # same code path, fewer images: fast
+    monkeypatch.setattr(procedural, "N_TEST", 16)
     np.random.seed(123)  # global numpy state must not matter
     first = builtin.generate(name, seed=0)
     np.random.seed(456)

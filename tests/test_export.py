@@ -11,6 +11,7 @@ import torch
 
 import peftvision as pv
 from peftvision.errors import AdapterFileError, PeftVisionError
+from peftvision.methods import build_config, get_method
 
 from conftest import BACKBONES, FAMILIES, make_input, make_model, randomize_trainable
 
@@ -104,19 +105,34 @@ def test_merge_equals_unmerged_and_loads_in_timm(tmp_path, base_checkpoint, fami
     torch.testing.assert_close(reloaded.eval()(x), y, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["linear", "bitfit", "full"])
-def test_baselines_merge_to_plain_timm(base_checkpoint, method):
-    model = trained("vit", method, base_checkpoint("vit"))
-    x = make_input("vit")
+MERGEABLE = [m for m in METHODS if get_method(m).mergeable(build_config(m)) is None]
+EXPORTABLE = [m for m in METHODS if get_method(m).exportable(build_config(m)) is None]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", MERGEABLE)
+def test_every_mergeable_method_merges_to_plain_timm(tmp_path, base_checkpoint, family, method):
+    """What a method says it can merge, merges: a plain timm model (timm's keys, no method modules)
+    computing what the adapted model computed, loadable by timm from the merged file."""
+    model = trained(family, method, base_checkpoint(family))
+    x = make_input(family)
+    y = model(x)
     merged = pv.merge(model)
-    torch.testing.assert_close(merged(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(merged(x), y, rtol=0, atol=1e-5)
+    assert not any(isinstance(m, pv.methods.PeftModule) for m in merged.modules())
+    assert list(merged.state_dict()) == list(make_model(family).state_dict())
     assert all(p.requires_grad for p in merged.parameters())
+    path = pv.save_merged(model, tmp_path / "merged.safetensors")
+    name, kwargs, _ = BACKBONES[family]
+    reloaded = timm.create_model(name, num_classes=5, checkpoint_path=str(path), **kwargs).eval()
+    torch.testing.assert_close(reloaded(x), y, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["adapter", "vpt-shallow", "vpt-deep"])
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in MERGEABLE])
 def test_methods_that_cannot_merge_say_so(base_checkpoint, method):
     model = trained("vit", method, base_checkpoint("vit"))
-    with pytest.raises(PeftVisionError, match="cannot merge: .*(prompt tokens|not a weight update)"):
+    reason = get_method(method).mergeable(build_config(method))
+    with pytest.raises(PeftVisionError, match=f"cannot merge: {reason}"):
         pv.merge(model)
 
 
@@ -139,11 +155,25 @@ def test_peft_export_loads_in_peft_with_identical_outputs(tmp_path, base_checkpo
     torch.testing.assert_close(y_peft, y, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["adapter", "vpt-deep", "bitfit"])
+@pytest.mark.parametrize("method", EXPORTABLE)
+def test_every_exportable_method_loads_in_peft_with_identical_outputs(tmp_path, base_checkpoint, method):
+    from peft import PeftModel
+
+    ckpt = base_checkpoint("vit")
+    model = trained("vit", method, ckpt)
+    x = make_input("vit")
+    pv.export_peft(model, tmp_path)
+    name, kwargs, _ = BACKBONES["vit"]
+    base = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=ckpt), num_classes=5, **kwargs).eval()
+    torch.testing.assert_close(PeftModel.from_pretrained(base, str(tmp_path)).eval()(x), model(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in EXPORTABLE])
 def test_peft_export_refuses_methods_peft_lacks(tmp_path, base_checkpoint, method):
     model = trained("vit", method, base_checkpoint("vit"))
-    with pytest.raises(PeftVisionError, match=f"{method} has no HF PEFT equivalent"):
+    with pytest.raises(PeftVisionError, match=f"{method} has no HF PEFT equivalent .methods that export: "):
         pv.export_peft(model, tmp_path)
+    assert not (tmp_path / "adapter_model.safetensors").exists()
 
 
 def test_lora_adapter_for_vit_b_is_small(tmp_path):

@@ -17,7 +17,7 @@ import peftvision as pv
 from peftvision.cli import main
 from peftvision.config import TrainConfig
 from peftvision.errors import PeftVisionError
-from peftvision.run import finetune
+from peftvision.finetune import finetune
 
 SHORT = ["--epochs", "1", "--batch-size", "100", "--num-workers", "0", "--max-test", "200", "--quiet"]
 
@@ -183,19 +183,56 @@ def test_bad_input_gives_one_line(tmp_path, capsys, fast, argv, message):
     assert message in err and len(err.splitlines()) == 1, err
 
 
-def test_recipe_flags_and_set_precedence(tmp_path):
-    from peftvision.cli import _train_config, build_parser
+def _parsed_config(argv: list[str]):
+    from peftvision.cli import build_parser
+    from peftvision.config import build_config
 
+    args = build_parser().parse_args(["finetune", *argv])
+    return build_config(args.recipe, args.set, {name: getattr(args, name) for name in args.config_fields})
+
+
+def test_recipe_flags_and_set_precedence(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("method: lora\nlr: 1e-3\nepochs: 7\noptions: {r: 4}\n")
-    args = build_parser().parse_args(["finetune", "--recipe", str(recipe), "--set", "lora.r=16", "--set", "epochs=5",
-                                      "--set", "adapter.dim=3", "--lr", "0.01"])
-    cfg = _train_config(args)
+    cfg = _parsed_config(["--recipe", str(recipe), "--set", "lora.r=16", "--set", "epochs=5",
+                          "--set", "adapter.dim=3", "--lr", "0.01"])
     assert (cfg.method, cfg.lr, cfg.epochs, cfg.options) == ("lora", 0.01, 5, {"r": 16})
+    # a recipe may hold sections per method: only the running method's apply, and --set beats them
+    recipe.write_text("method: adapter\nadapter: {dim: 4, placement: parallel}\nlora: {r: 2}\n")
+    cfg = _parsed_config(["--recipe", str(recipe), "--set", "adapter.dim=16"])
+    assert cfg.options == {"dim": 16, "placement": "parallel"}
+
+
+def test_every_config_field_is_a_flag():
+    """A new TrainConfig field is one edit: its flag, type and help come from the field."""
+    import dataclasses
+
+    from peftvision.cli import build_parser
+
+    fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "options"]
+    args = build_parser().parse_args(["finetune"])
+    assert sorted(args.config_fields) == sorted(fields)
+    assert all(getattr(args, name) is None for name in fields), "unset flags must not override a recipe"
+    cfg = _parsed_config(["--label-smoothing", "0.1", "--val-split", "none", "--clip-grad", "0", "--momentum", "0.5",
+                          "--test-split", "none", "--grad-checkpointing"])
+    assert (cfg.label_smoothing, cfg.val_split, cfg.clip_grad, cfg.momentum, cfg.test_split, cfg.grad_checkpointing) == (
+        0.1, None, 0.0, 0.5, None, True)
+
+
+def test_resume_refuses_settings_it_would_ignore(tmp_path, capsys, fast):
+    out = _run(tmp_path, fast, "linear")
+    assert main(["finetune", "--resume", str(out), "--lr", "0.5", "--seed", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "only --epochs and --quiet can change (got --lr, --seed)" in err and len(err.splitlines()) == 1
+    assert main(["finetune", "--resume", str(out), "--set", "lora.r=4"]) == 2
+    assert "(got --set)" in capsys.readouterr().err
+    # --epochs extends a finished run from its checkpoint
+    assert main(["finetune", "--resume", str(out), "--epochs", "2", "--quiet"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 2
 
 
 def test_recipes_in_the_repo_are_valid():
-    from peftvision.run import load_recipe
+    from peftvision.config import load_recipe
 
     recipes = sorted(Path(__file__).parent.parent.glob("recipes/*.yaml"))
     assert recipes

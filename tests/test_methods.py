@@ -10,81 +10,51 @@ from torch import nn
 
 import peftvision as pv
 from peftvision.errors import ConfigError, PeftVisionError, UnsupportedModelError
+from peftvision.methods import build_config, get_method
 
 from conftest import FAMILIES, make_input, make_model, randomize_trainable
 
 METHODS = pv.list_methods()
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks, found here independently of peftvision.backbone."""
-    if hasattr(model, "blocks"):
-        return list(model.blocks)
-    return [b for stage in model.layers for b in stage.blocks]
-
-
-def expected_method_params(method: str, base: nn.Module, opts: dict) -> int:
-    """Closed-form count of the parameters a method adds or unfreezes (head excluded)."""
-    blocks = _blocks(base)
-    dims = [b.norm1.normalized_shape[0] for b in blocks]
-    hidden = [b.mlp.fc1.out_features for b in blocks]
-    if method == "linear":
-        return 0
-    if method == "full":
-        return sum(p.numel() for n, p in base.named_parameters() if not n.startswith("head"))
-    if method == "bitfit":
-        return sum(p.numel() for n, p in base.named_parameters() if n.endswith("bias") and not n.startswith("head"))
-    if method == "lora":
-        r, targets = opts.get("r", 8), opts.get("targets", ("q", "v"))
-        qkv = sum(t in targets for t in "qkv")
-        per = lambda d, h: (  # noqa: E731
-            2 * qkv * r * d
-            + ("qkv" in targets) * r * (d + 3 * d)
-            + ("proj" in targets) * r * (d + d)
-            + ("fc1" in targets) * r * (d + h)
-            + ("fc2" in targets) * r * (h + d)
-        )
-        return sum(per(d, h) for d, h in zip(dims, hidden))
-    if method == "adapter":
-        m, placement = opts.get("dim", 8), opts.get("placement", "ffn")
-        per_adapter = lambda d: 2 * d * m + m + d  # noqa: E731
-        return sum(per_adapter(d) * (2 if placement == "attn+ffn" else 1) for d in dims)
-    if method == "vpt-shallow":
-        return opts.get("num_tokens", 10) * dims[0]
-    if method == "vpt-deep":
-        return opts.get("num_tokens", 10) * sum(dims)
-    raise AssertionError(f"no closed form for {method}: add one when registering a method")
-
-
 def head_params(base: nn.Module) -> int:
     return sum(p.numel() for n, p in base.named_parameters() if n.startswith("head"))
 
 
-CASES = [(m, {}) for m in METHODS] + [
-    ("lora", dict(r=4, targets=("q", "k", "v", "proj", "fc1", "fc2"))),
-    ("lora", dict(r=2, targets=("k",))),
-    ("lora", dict(targets=("qkv", "fc2"))),
-    ("adapter", dict(dim=4, placement="attn+ffn")),
-    ("adapter", dict(placement="parallel", scale=0.5)),
-    ("vpt-deep", dict(num_tokens=3)),
-]
+# every method with its defaults, plus the option sets it declares: a new method is tested as it lands
+CASES = [(m, {}) for m in METHODS] + [(m, dict(o)) for m in METHODS for o in get_method(m).examples]
 IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items())}" if o else m for m, o in CASES]
+
+
+def test_every_method_declares_its_parameter_count_and_capabilities():
+    base = make_model("vit")
+    for name in METHODS:
+        m = get_method(name)
+        assert m.expected_params(base, pv.describe(base), build_config(m)) >= 0, name
+        for options in ({}, *m.examples):
+            build_config(m, dict(options))  # the declared examples are valid options
+        assert m.kind in ("baseline", "peft")
+    assert METHODS[:3] == ["linear", "full", "bitfit"], "baselines are listed first"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method,opts", CASES, ids=IDS)
 def test_trainable_set_and_counts(family, method, opts):
     base = make_model(family)
+    m = get_method(method)
+    expected = m.expected_params(base, pv.describe(base), build_config(m, opts))  # from the plain base
     model = pv.inject(copy.deepcopy(base), method, **opts)
     report = pv.param_report(model)
-    assert report.method_params == expected_method_params(method, base, opts)
+    assert report.method_params == expected
     assert report.head_params == head_params(base) > 0
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(pv.get_state(model).trainable_names)
     # head always trains; frozen backbone weights never do (except where the method unfreezes them)
     assert {n for n in trainable if n.startswith("head")} == {n for n, _ in base.named_parameters() if n.startswith("head")}
-    if method not in ("full", "bitfit"):
-        assert all(("lora_" in n or "adapter" in n or n.startswith("vpt") or n.startswith("head")) for n in trainable)
+    added = {id(p) for mod in model.modules() if isinstance(mod, pv.methods.PeftModule) for p in mod.adapter_parameters()}
+    params = dict(model.named_parameters())
+    if not m.trains_base_weights:  # everything but the head is a parameter of a module the method added
+        assert all(id(params[n]) in added for n in trainable if not n.startswith("head"))
     assert report.total == sum(p.numel() for p in model.parameters())
 
 
@@ -100,8 +70,8 @@ def test_forward_backward_and_init_identity(family, method, opts):
     with torch.no_grad():
         y1 = model(x)
     assert y1.shape == (2, 5)
-    if method.startswith("vpt"):
-        assert not torch.allclose(y0, y1, atol=1e-4), "prompts must change what the model computes"
+    if not get_method(method).identity_at_init:
+        assert not torch.allclose(y0, y1, atol=1e-4), "the method says it changes what the model computes"
     else:  # zero-initialised (LoRA B = 0, adapter up = 0) or no new modules at all
         torch.testing.assert_close(y1, y0, rtol=0, atol=1e-6)
     model.train()
@@ -118,21 +88,24 @@ def test_forward_backward_and_init_identity(family, method, opts):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
 def test_frozen_backbone_stays_in_eval(family, method):
-    # with drop-path on, a training-mode forward is random wherever the backbone runs in train mode
-    model = pv.inject(make_model(family, drop_path_rate=0.5, drop_rate=0.0), method)
+    # with drop-path and dropout on, a training-mode forward is random wherever the backbone runs in train
+    # mode -- also inside the modules a method wraps (an adapter wraps timm's whole `mlp`)
+    model = pv.inject(make_model(family, drop_path_rate=0.5, drop_rate=0.0, proj_drop_rate=0.3, attn_drop_rate=0.3), method)
     model.train()
     x = make_input(family)
     torch.manual_seed(0)
     a = model(x)
     torch.manual_seed(1)
     b = model(x)
-    if method == "full":
+    if not get_method(method).freeze_backbone:
         assert not torch.allclose(a, b), "full fine-tuning keeps timm's drop-path"
         assert all(m.training for m in model.modules())
     else:
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         peft_modules = [m for m in model.modules() if isinstance(m, pv.methods.PeftModule)]
         assert all(m.training for m in peft_modules)
+        wrapped = [m for p in peft_modules if isinstance(getattr(p, "base_layer", None), nn.Module) for m in p.base_layer.modules()]
+        assert not any(m.training for m in wrapped), "a wrapped backbone module is still the frozen backbone"
         assert model.training, "the root keeps reporting training mode to trainers"
     model.eval()
     assert not any(m.training for m in model.modules())
@@ -420,8 +393,10 @@ def test_grad_checkpointing_gives_the_same_gradients_or_a_clear_error(family, me
         model(x).square().sum().backward()
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
-    if family == "swin" and method == "vpt-shallow":
-        with pytest.raises(PeftVisionError, match="does not work with vpt-shallow"):
+    base = make_model(family)
+    m = get_method(method)
+    if m.grad_checkpointing_unsupported(pv.describe(base), build_config(m)):
+        with pytest.raises(PeftVisionError, match=f"does not work with {method}"):
             grads(True)
         return
     plain, recomputed = grads(False), grads(True)

@@ -12,7 +12,7 @@ import torch
 
 import peftvision as pv
 from peftvision.models import DEFAULT_MODEL, DEFAULT_MODELS, register_default_models
-from peftvision.pretrain.scenes import SHAPES, SceneConfig, SceneTask
+from tools.pretrain.scenes import SHAPES, SceneConfig, SceneTask
 from peftvision.weights import ARCHITECTURES, INPUT_SIZE, PRETRAIN_CLASSES, weights_path
 
 def _random(name: str, num_classes: int = PRETRAIN_CLASSES, seed: int = 0) -> torch.nn.Module:
@@ -61,7 +61,7 @@ def test_loads_offline_with_a_new_head(name, monkeypatch):
 def test_linear_probe_beats_random_init(name):
     """A cheap version of benchmarks/linear-probe.md on one built-in task: 300 train, 200 test images."""
     from peftvision.data import load_task, make_transform
-    from peftvision.pretrain.probe import extract_features, fit_score
+    from tools.pretrain.probe import extract_features, fit_score
 
     torch.set_num_threads(2)
     task = load_task("builtin:landcover", seed=0)  # a clear gain for both models in linear-probe.md
@@ -121,7 +121,7 @@ def test_scene_stream_is_deterministic_and_labelled():
 
 @pytest.mark.parametrize("name", DEFAULT_MODELS)
 def test_pretraining_entry_point_runs(name, tmp_path):
-    from peftvision.pretrain.run import main
+    from tools.pretrain.run import main
 
     settings = ["threads=1", "data.max_objects=3", "train.steps=2", "train.batch_size=4", "train.warmup_steps=1",
                 "train.eval_batches=1", "train.num_workers=0", "train.log_every=1"]
@@ -137,7 +137,7 @@ def test_pretraining_entry_point_runs(name, tmp_path):
 
 
 def test_pretraining_rejects_unknown_fields(tmp_path, capsys):
-    from peftvision.pretrain.run import main
+    from tools.pretrain.run import main
 
     assert main(["--model", DEFAULT_MODEL, "--output", str(tmp_path), "--set", "train.stepz=2"]) == 2
     assert "unknown field(s) stepz" in capsys.readouterr().err

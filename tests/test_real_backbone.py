@@ -62,6 +62,6 @@ def test_short_lora_run_beats_its_linear_probe(tmp_path, subset):
         results[method] = json.loads((tmp_path / method / "metrics.json").read_text())
     lora, linear = results["lora"], results["linear"]
     assert lora["splits"]["test"]["images"] == linear["splits"]["test"]["images"] == 50
-    assert lora["resize"] == "crop" and lora["lr"] == pytest.approx(1e-3)
+    assert lora["resize"] == "crop" and lora["lr"] == pv.get_method("lora").default_lr  # the real-backbone default
     assert lora["test_top1"] > 60, lora  # chance is 25% (60% of the photos are one class: objects)
     assert lora["test_top1"] > linear["test_top1"], (lora["test_top1"], linear["test_top1"])

@@ -3,25 +3,28 @@
     from peftvision.data import load_task, make_transform, build_loader
 
     task = load_task("builtin:digits", seed=0)       # also vtab:<task>, imagefolder:<dir>, hf:<repo|dir>
-    ds = task.dataset("train800", make_transform(model))
+    ds = task.dataset("train", make_transform(model, resize=task.resize))
     loader = build_loader(ds, batch_size=64, shuffle=True, num_workers=2, seed=0)
 
-Layout: `specs` parses spec strings; `hub`, `vtab`, `builtin` are the sources; `protocol` draws the
-VTAB-1k splits; `task` holds the result; `images` decodes; `transforms` reads preprocessing from the model.
+Layout, in the order data flows: `specs` parses spec strings; `folders`, `hub`, `vtab`, `builtin` are
+the sources (`images` decodes their files); `protocol` draws the splits; `task` holds the result;
+`transforms` reads preprocessing from the model; `loaders` batches it.
 """
 
 from __future__ import annotations
 
 from .images import open_image, to_rgb
-from .specs import KINDS, describe, list_tasks, load_task
+from .specs import KINDS, list_tasks, load_task, summarize_task
 from .task import GROUPS, SPLITS, Split, Task, TaskDataset
-from .transforms import build_loader, input_size, make_transform
+from .loaders import EpochSampler, RunLoaders, build_loader, run_loaders
+from .transforms import RESIZE_MODES, input_size, make_transform
 
 # What `peftvision finetune` trains on when no dataset is given: small, real images, bundled with
 # scikit-learn, so it works on any install.
 DEFAULT_TASK = "builtin:digits"
 
 __all__ = [
-    "DEFAULT_TASK", "GROUPS", "KINDS", "SPLITS", "Split", "Task", "TaskDataset",
-    "build_loader", "describe", "input_size", "list_tasks", "load_task", "make_transform", "open_image", "to_rgb",
+    "DEFAULT_TASK", "GROUPS", "KINDS", "RESIZE_MODES", "SPLITS", "EpochSampler", "RunLoaders", "Split", "Task",
+    "TaskDataset", "build_loader", "input_size", "list_tasks", "load_task", "make_transform", "open_image",
+    "run_loaders", "summarize_task", "to_rgb",
 ]

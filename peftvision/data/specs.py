@@ -110,7 +110,7 @@ def list_tasks(spec: str) -> list[str]:
     return list(dict.fromkeys(out))  # duplicates once, first place kept
 
 
-def describe(task: Task) -> dict[str, Any]:
+def summarize_task(task: Task) -> dict[str, Any]:
     """A JSON-able summary of a task (for logs and run directories)."""
     return {
         "name": task.name, "group": task.group, "num_classes": task.num_classes,

@@ -57,30 +57,3 @@ def make_transform(
         return timm.data.create_transform(**cfg, is_training=train)
     except TypeError as e:
         raise DataError(f"bad transform option: {e}") from None
-
-
-def build_loader(
-    dataset: torch.utils.data.Dataset,
-    batch_size: int = 64,
-    *,
-    shuffle: bool = False,
-    num_workers: int = 0,
-    seed: int = 0,
-    drop_last: bool = False,
-) -> torch.utils.data.DataLoader:
-    """A DataLoader whose order and worker seeds (hence augmentation) follow `seed`.
-
-    Decoding and transforms run in `num_workers` processes (0: in this one). Workers persist across
-    epochs, so their start-up (a fork plus each worker's own file handles) is paid once.
-    """
-    generator = torch.Generator()
-    generator.manual_seed(seed)  # torch derives each worker's torch / random / numpy seed from it
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        generator=generator,
-        drop_last=drop_last,
-        persistent_workers=num_workers > 0,
-    )

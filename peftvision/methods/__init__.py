@@ -1,4 +1,10 @@
-"""PEFT methods. Each module below registers itself; importing this package makes them all available."""
+"""PEFT methods: every module of this package registers its methods; importing the package imports them all.
+
+Adding a method is one new file here (see `_registry.py` for what it declares); nothing else lists it.
+"""
+
+import importlib
+import pkgutil
 
 from ._registry import (
     Method,
@@ -10,7 +16,9 @@ from ._registry import (
     list_methods,
     register_method,
 )
-from . import baselines, lora, adapter, vpt  # noqa: F401  (registration order = display order)
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
+    importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = [
     "Method",

@@ -1,14 +1,16 @@
 """The method registry: the one extension point of peftvision.
 
-A method is a config dataclass plus a `Method` subclass, registered with `@register_method`. The
-trainer, exporter, CLI and tests only ever talk to this interface, so adding a method is one new file
-in this package (imported in `methods/__init__.py`).
+A method is a config dataclass plus a `Method` subclass, registered with `@register_method`, in one
+file of this package (every module here is imported when the package is: discovered, not listed).
+The trainer, exporter, CLI, `compare` and the tests only ever talk to this interface: a method declares
+what it can do (merge, export to HF PEFT, gradient checkpointing), its closed-form parameter count and
+the option sets it wants tested, and they pick it up from there.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Mapping
 
 from torch import nn
 
@@ -43,6 +45,15 @@ class Method:
     # for the embedded ones). It belongs to the method, not the trainer: each method reacts to lr
     # differently, so one global default is wrong for most (benchmarks/default-lr.md).
     default_lr: ClassVar[float] = 1e-3
+    kind: ClassVar[str] = "peft"  # "baseline" (linear, full, BitFit): listed first, as tables show them
+    identity_at_init: ClassVar[bool] = True  # an injected model computes what the base did (zero-init update)
+    trains_base_weights: ClassVar[bool] = False  # unfreezes weights of the base rather than adding modules
+    examples: ClassVar[tuple[Mapping[str, Any], ...]] = ()  # option sets the tests run besides the defaults
+
+    def expected_params(self, model: nn.Module, backbone: Backbone, config: Any) -> int:
+        """Closed-form count of the parameters the method trains besides the head, read off the plain
+        base model (before `inject`); the tests hold `inject` to it."""
+        raise NotImplementedError(f"{self.name} declares no closed-form parameter count")
 
     def inject(self, model: nn.Module, backbone: Backbone, config: Any) -> None:
         """Add the method's modules to `model` in place. Outputs must stay unchanged where the method
@@ -65,9 +76,14 @@ class Method:
     def merge(self, model: nn.Module, backbone: Backbone, config: Any) -> None:
         """Fold the method into the base weights and remove every `PeftModule`, in place."""
 
+    def exportable(self, config: Any) -> str | None:
+        """None if `to_peft` can write the method in HF PEFT's format, else the reason it cannot."""
+        exporters = [m for m in list_methods() if get_method(m).exportable.__func__ is not Method.exportable]
+        return f"{self.name} has no HF PEFT equivalent (methods that export: {', '.join(exporters) or 'none'})"
+
     def to_peft(self, model: nn.Module, backbone: Backbone, config: Any) -> tuple[Any, dict[str, Any]]:
         """(a `peft.PeftConfig`, {tensor name in the base model's namespace: tensor}) for HF PEFT export."""
-        raise PeftVisionError(f"{self.name} has no HF PEFT equivalent; only lora can be exported to PEFT format")
+        raise PeftVisionError(self.exportable(config) or f"{self.name}: no HF PEFT export")
 
 
 _METHODS: dict[str, type[Method]] = {}
@@ -82,22 +98,23 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def list_methods() -> list[str]:
-    return list(_METHODS)
+    """Registered names: baselines first, then the PEFT methods, each in registration order."""
+    return [n for n, c in _METHODS.items() if c.kind == "baseline"] + [n for n, c in _METHODS.items() if c.kind != "baseline"]
 
 
 def get_method(name: str) -> Method:
     try:
         return _METHODS[name]()
     except KeyError:
-        raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(_METHODS)}") from None
+        raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(list_methods())}") from None
 
 
 def default_lr(method: str, model: str) -> float:
-    """The lr a run of `method` on `model` gets when none is given: the method's own, times the
-    backbone's `lr_scale` (10 for the small embedded backbones, 1 for every timm model)."""
-    from ..weights import lr_scale
+    """The lr a run of `method` on `model` gets when none is given: the method's own (for real
+    pretrained backbones), or what an embedded backbone carries for it (`peftvision.weights`)."""
+    from ..weights import backbone_lr
 
-    return get_method(method).default_lr * lr_scale(model)
+    return backbone_lr(model, method, get_method(method).default_lr)
 
 
 def build_config(method: str | Method, options: dict[str, Any] | None = None) -> Any:

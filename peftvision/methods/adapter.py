@@ -101,7 +101,13 @@ def _width(module: nn.Module, fallback: int) -> int:
 class HoulsbyAdapter(Method):
     name = "adapter"
     config_cls = AdapterConfig
-    default_lr = 1e-3  # the VTAB-1k literature's (AdamW); the up-projection starts at 0, as LoRA's B
+    default_lr = 3e-3  # the up-projection starts at 0, as LoRA's B, and wants the same lr (benchmarks/default-lr.md)
+    examples = (dict(dim=4, placement="attn+ffn"), dict(placement="parallel", scale=0.5))
+
+    def expected_params(self, model: nn.Module, backbone: Backbone, config: AdapterConfig) -> int:
+        """Per adapter on a width-d output: down d*m + m, up m*d + d; one per block, two with attn+ffn."""
+        m, per_block = int(config.dim), 2 if config.placement == "attn+ffn" else 1
+        return sum(per_block * (2 * b.dim * m + m + b.dim) for b in backbone.blocks)
 
     def inject(self, model: nn.Module, backbone: Backbone, config: AdapterConfig) -> None:
         children = ("attn", "mlp") if config.placement == "attn+ffn" else ("mlp",)

@@ -22,6 +22,7 @@ class NoOptions:
 
 class _Baseline(Method):
     config_cls = NoOptions
+    kind = "baseline"
 
     def mergeable(self, config: NoOptions) -> str | None:
         return None
@@ -31,7 +32,7 @@ class _Baseline(Method):
 
 
 @register_method
-class Linear(_Baseline):
+class LinearProbe(_Baseline):
     """Only the classifier head trains (the frozen backbone is a feature extractor)."""
 
     name = "linear"
@@ -40,18 +41,25 @@ class Linear(_Baseline):
     def trainable_parameters(self, model: nn.Module, backbone: Backbone, config: NoOptions) -> Iterator[nn.Parameter]:
         return iter(())
 
+    def expected_params(self, model: nn.Module, backbone: Backbone, config: NoOptions) -> int:
+        return 0
+
 
 @register_method
-class Full(_Baseline):
+class FullFineTuning(_Baseline):
     """Every weight trains, and dropout / drop-path behave as timm configured them."""
 
     name = "full"
     default_lr = 1e-4  # every pretrained weight moves: the literature's 1e-4
     freeze_backbone = False
     saves_backbone = True
+    trains_base_weights = True
 
     def trainable_parameters(self, model: nn.Module, backbone: Backbone, config: NoOptions) -> Iterator[nn.Parameter]:
         return model.parameters()
+
+    def expected_params(self, model: nn.Module, backbone: Backbone, config: NoOptions) -> int:
+        return sum(p.numel() for n, p in model.named_parameters() if not backbone.is_head(n.rsplit(".", 1)[0]))
 
 
 @register_method
@@ -61,6 +69,11 @@ class BitFit(_Baseline):
 
     name = "bitfit"
     default_lr = 1e-3  # biases are few and start from pretrained values
+    trains_base_weights = True
+
+    def expected_params(self, model: nn.Module, backbone: Backbone, config: NoOptions) -> int:
+        return sum(p.numel() for n, p in model.named_parameters()
+                   if n.rsplit(".", 1)[-1].endswith("bias") and not backbone.is_head(n.rsplit(".", 1)[0]))
 
     def trainable_parameters(self, model: nn.Module, backbone: Backbone, config: NoOptions) -> Iterator[nn.Parameter]:
         for module in model.modules():

@@ -159,7 +159,21 @@ def _lora_sites(backbone: Backbone, config: LoRAConfig) -> list[tuple[BlockInfo,
 class LoRA(Method):
     name = "lora"
     config_cls = LoRAConfig
-    default_lr = 1e-3  # the literature's; B starts at 0 and alpha / r = 1, so the update grows only as fast as lr lets it
+    default_lr = 3e-3  # B starts at 0 and alpha / r = 1: the update grows only as fast as lr lets it (benchmarks/default-lr.md)
+    examples = (
+        dict(r=4, targets=("q", "k", "v", "proj", "fc1", "fc2")),
+        dict(r=2, targets=("k",)),
+        dict(targets=("qkv", "fc2")),
+    )
+
+    def expected_params(self, model: nn.Module, backbone: Backbone, config: LoRAConfig) -> int:
+        """Per block of width d and MLP width h: r * (in + out) per targeted layer, a q/k/v slice being d -> d."""
+        r, targets, total = int(config.r), config.targets, 0
+        for block in backbone.blocks:
+            d, h = block.dim, backbone.linear(model, block, "mlp.fc1").out_features
+            shapes = {"q": (d, d), "k": (d, d), "v": (d, d), "qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, h), "fc2": (h, d)}
+            total += sum(r * sum(shapes[t]) for t in targets)
+        return total
 
     def inject(self, model: nn.Module, backbone: Backbone, config: LoRAConfig) -> None:
         for block, child, slices, num_slices in _lora_sites(backbone, config):
@@ -168,6 +182,9 @@ class LoRA(Method):
             model.set_submodule(f"{block.name}.{child}", wrapped)
 
     def mergeable(self, config: LoRAConfig) -> str | None:
+        return None
+
+    def exportable(self, config: LoRAConfig) -> str | None:
         return None
 
     def merge(self, model: nn.Module, backbone: Backbone, config: LoRAConfig) -> None:

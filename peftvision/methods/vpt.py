@@ -228,6 +228,12 @@ class _VPT(Method):
     config_cls = VPTConfig
     deep: bool
     default_lr = 3e-3  # prompts start from scratch, like a head (the VPT paper's SGD grid reaches far higher)
+    identity_at_init = False  # prompts join the attention from the first step
+
+    def expected_params(self, model: nn.Module, backbone: Backbone, config: VPTConfig) -> int:
+        """num_tokens x width at the input (shallow), or before every block at that block's width (deep)."""
+        widths = [b.dim for b in backbone.blocks] if self.deep else [backbone.blocks[0].dim]
+        return int(config.num_tokens) * sum(widths)
 
     def inject(self, model: nn.Module, backbone: Backbone, config: VPTConfig) -> None:
         if backbone.family == "vit":
@@ -257,3 +263,4 @@ class VPTShallow(_VPT):
 class VPTDeep(_VPT):
     name = "vpt-deep"
     deep = True
+    examples = (dict(num_tokens=3),)

@@ -4,7 +4,7 @@ This module is plain Python (no torch, no timm) so that the CLI can name the def
 `--help` without paying for imports. `peftvision.models` registers these names with timm; the
 weights themselves are `<name>.safetensors` next to this file, with `<name>.json` recording how
 they were made (data, steps, wall time, upstream accuracy), both written by `python -m
-peftvision.pretrain`.
+tools.pretrain` (run from a source checkout).
 """
 
 from __future__ import annotations
@@ -21,6 +21,13 @@ INPUT_SIZE = (3, 32, 32)
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 
+# Each method's default lr is for real pretrained backbones (ImageNet-scale weights, as timm's). These
+# small, weakly pretrained 32-px models, fine-tuned for a few dozen steps, carry their own: measured on
+# them (benchmarks/default-lr.md: the literature's 1e-3 for LoRA lost 6-15 points here, 1e-2 won),
+# and `lr_scale` x the method's default for a method they have not been measured with.
+EMBEDDED_LRS = {"linear": 3e-2, "full": 1e-3, "bitfit": 1e-2, "lora": 1e-2, "adapter": 1e-2,
+                "vpt-shallow": 3e-2, "vpt-deep": 3e-2}
+
 # Architecture kwargs per shipped model: `timm.create_model(<name>)` builds exactly this, and
 # the pretraining script reads it from here, so the two cannot drift apart.
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -32,6 +39,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
             img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0, global_pool="avg"
         ),
         classifier="head",
+        default_lrs=EMBEDDED_LRS,
         lr_scale=10.0,
     ),
     "pv_swin_tiny_32": dict(
@@ -40,25 +48,25 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
             img_size=32, patch_size=2, window_size=4, embed_dim=48, depths=(2, 2, 2), num_heads=(3, 6, 12)
         ),
         classifier="head.fc",
+        default_lrs=EMBEDDED_LRS,
         lr_scale=10.0,
     ),
 }
-# `lr_scale`: each method's default lr is for real pretrained backbones (ImageNet-scale weights, as
-# timm's); these small, weakly pretrained 32-px models fine-tuned for a few dozen steps want 10x larger
-# steps for every method (benchmarks/default-lr.md: the literature's 1e-3 for LoRA lost 6-15 points
-# here, 1e-2 won; on the real ViT-Tiny 1e-2 peaked at epoch 1 and lost 1-7 points).
 
 DEFAULT_MODEL = "pv_vit_tiny_32"
 DEFAULT_MODELS = tuple(ARCHITECTURES)
 
 # Classes of the pretraining task = size of the shipped head (`pretrained_cfg["num_classes"]`): the
-# shapes of `peftvision.pretrain.scenes.SHAPES` (a test keeps the two equal).
+# shapes of `tools.pretrain.scenes.SHAPES` (a test keeps the two equal).
 PRETRAIN_CLASSES = 16
 
 
-def lr_scale(model: str) -> float:
-    """Factor on every method's default lr for `model` (1 for any timm model but the embedded ones)."""
-    return float(ARCHITECTURES.get(model.split(".", 1)[0], {}).get("lr_scale", 1.0))
+def backbone_lr(model: str, method: str, method_default: float) -> float:
+    """The default lr of `method` on `model`: an embedded backbone's own, else the method's (real backbones)."""
+    arch = ARCHITECTURES.get(model.split(".", 1)[0])
+    if arch is None:
+        return method_default
+    return float(arch["default_lrs"].get(method, method_default * arch["lr_scale"]))
 
 
 def weights_path(name: str) -> Path:

@@ -1,7 +1,7 @@
 """Pretraining of the backbones shipped in `peftvision/weights/`, and the evidence that it helps.
 
-- `python -m peftvision.pretrain --recipe recipes/pretrain-<name>.yaml`: train on procedurally
+- `python -m tools.pretrain --recipe recipes/pretrain-<name>.yaml`: train on procedurally
   generated scenes (`scenes.py`), save fp16 safetensors + a JSON record (`run.py`).
-- `python -m peftvision.pretrain.probe`: linear-probe accuracy of the shipped weights vs. the same
+- `python -m tools.pretrain.probe`: linear-probe accuracy of the shipped weights vs. the same
   architecture randomly initialised, on every built-in task (`probe.py`).
 """

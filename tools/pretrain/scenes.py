@@ -5,7 +5,7 @@ of `SHAPES` at a random position, size, rotation and colour; the largest one, th
 drawn last. Each image carries what a vision backbone should be able to read from it: the main object's
 shape, where it is, how large and how rotated; how many objects there are; which texture lies behind.
 Each pixel is labelled too, with the texture or the shape that covers it. The pretraining task predicts all
-of them (see `peftvision.pretrain.run`).
+of them (see `tools.pretrain.run`).
 
 Nothing here is shared with the built-in evaluation suite (`peftvision.data.builtin`): its shapes
 (squares, ellipses, hearts, wedges, teardrops, spheres, cubes), glyphs, photos and land-cover or tissue

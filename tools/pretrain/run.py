@@ -1,4 +1,4 @@
-"""Pretrain a shipped backbone on procedural scenes: `python -m peftvision.pretrain --recipe recipes/pretrain-<name>.yaml`.
+"""Pretrain a shipped backbone on procedural scenes: `python -m tools.pretrain --recipe recipes/pretrain-<name>.yaml`.
 
 The task (see `scenes.py`): classify the main object's shape (the timm head, shipped with the
 weights) and, through auxiliary linear heads dropped after pretraining, regress its position, size and
@@ -29,15 +29,15 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..errors import ConfigError, PeftVisionError
-from ..weights import ARCHITECTURES, INPUT_SIZE, MEAN, STD, WEIGHTS_DIR
+from peftvision.errors import ConfigError, PeftVisionError
+from peftvision.weights import ARCHITECTURES, INPUT_SIZE, MEAN, STD, WEIGHTS_DIR
 from .scenes import NUM_POSE, SceneConfig, SceneTask
 
 EVAL_STREAM = 1_000_003  # image stream of the held-out evaluation; training uses stream `seed`
 
 
 @dataclass
-class TrainConfig:
+class PretrainSchedule:
     steps: int = 1500  # ~190k images at batch 128: 25-35 minutes for the ViT on 2 cores
     batch_size: int = 128
     lr: float = 1e-3  # AdamW peak; small ViTs trained from scratch tolerate 1e-3 at batch 128
@@ -62,13 +62,13 @@ class Recipe:
     seed: int = 0
     threads: int = 2
     data: SceneConfig = field(default_factory=SceneConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: PretrainSchedule = field(default_factory=PretrainSchedule)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Recipe":
         raw = dict(raw)
         data = _build(SceneConfig, raw.pop("data", {}) or {}, "data")
-        train = _build(TrainConfig, raw.pop("train", {}) or {}, "train")
+        train = _build(PretrainSchedule, raw.pop("train", {}) or {}, "train")
         return _build(cls, {**raw, "data": data, "train": train}, "recipe")
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,16 +93,10 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_recipe(path: str | None, overrides: dict[str, Any] | None = None, model: str | None = None) -> Recipe:
-    import yaml
+def load_pretrain_recipe(path: str | None, overrides: dict[str, Any] | None = None, model: str | None = None) -> Recipe:
+    from peftvision.config import load_recipe
 
-    raw: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"recipe not found: {path}")
-        raw = yaml.safe_load(p.read_text()) or {}
-    raw = _merge(raw, overrides or {})
+    raw = _merge(load_recipe(path) if path else {}, overrides or {})
     if model:
         raw["model"] = model
     if "model" not in raw:
@@ -149,7 +143,7 @@ def to_input(image: Any) -> Any:
 
 def _build_model(recipe: Recipe) -> tuple[Any, Any]:
     import timm
-    from ..models import register_default_models
+    from peftvision.models import register_default_models
 
     register_default_models()
     torch.manual_seed(recipe.seed)
@@ -216,14 +210,14 @@ def _losses(model: Any, aux: Any, batch: dict[str, Any], recipe: Recipe) -> tupl
                       cls=cls, pose=pose, count=count, texture=texture, dense=dense)
 
 
-def _lr_at(step: int, t: TrainConfig) -> float:
+def _lr_at(step: int, t: PretrainSchedule) -> float:
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
     progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _optimizer(params: list[Any], t: TrainConfig) -> Any:
+def _optimizer(params: list[Any], t: PretrainSchedule) -> Any:
     decay = [p for p in params if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in params if p.requires_grad and p.dim() < 2]  # biases, norms, tokens' scale
     groups = [dict(params=decay, weight_decay=t.weight_decay), dict(params=no_decay, weight_decay=0.0)]
@@ -263,14 +257,13 @@ def evaluate(model: Any, aux: Any, recipe: Recipe) -> dict[str, float]:
 # ----------------------------------------------------------------------------- saving
 
 def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # safetensors creates 0600 files; weights are package data
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from peftvision.files import atomic_write
+
+    def write_readable(tmp: str) -> None:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)  # temp files are 0600; weights are package data
+
+    atomic_write(path, write_readable)
 
 
 def save(model: Any, recipe: Recipe, output: Path, record: dict[str, Any]) -> tuple[Path, Path]:
@@ -350,10 +343,10 @@ def pretrain(recipe: Recipe, output: Path, log: Any = print, command: str | None
         architecture=ARCHITECTURES[recipe.model],
         parameters=n_params,
         pretrained_cfg=dict(input_size=INPUT_SIZE, mean=MEAN, std=STD, num_classes=recipe.data.num_classes),
-        command=command or f"python -m peftvision.pretrain --recipe recipes/pretrain-{recipe.model}.yaml",
+        command=command or f"python -m tools.pretrain --recipe recipes/pretrain-{recipe.model}.yaml",
         recipe=recipe.to_dict(),
         data=dict(
-            kind="procedural scenes of geometric objects over textures, peftvision.pretrain.scenes",
+            kind="procedural scenes of geometric objects over textures, tools.pretrain.scenes",
             classes=recipe.data.num_classes,
             images_seen=t.steps * t.batch_size,
             stream_seed=recipe.seed,
@@ -374,10 +367,10 @@ def pretrain(recipe: Recipe, output: Path, log: Any = print, command: str | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..config import parse_overrides
+    from peftvision.config import parse_overrides
 
     p = argparse.ArgumentParser(
-        prog="python -m peftvision.pretrain",
+        prog="python -m tools.pretrain",
         description="Pretrain a shipped peftvision backbone on procedurally generated scenes.",
     )
     p.add_argument("--recipe", help="YAML recipe (recipes/pretrain-<model>.yaml)")
@@ -387,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, e.g. train.steps=10")
     args = p.parse_args(argv)
     try:
-        recipe = load_recipe(args.recipe, parse_overrides(args.set), args.model)
-        command = "python -m peftvision.pretrain " + " ".join(argv if argv is not None else sys.argv[1:])
+        recipe = load_pretrain_recipe(args.recipe, parse_overrides(args.set), args.model)
+        command = "python -m tools.pretrain " + " ".join(argv if argv is not None else sys.argv[1:])
         pretrain(recipe, Path(args.output), log=lambda s: print(s, flush=True), command=command)
     except PeftVisionError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,162 @@
+"""`finetune`: config -> data -> backbone -> inject -> train -> test -> files. The CLI and `compare` call it.
+
+Output directory of a run:
+    adapter_config.json, adapter.safetensors   the best-on-validation adapter (peftvision's format)
+    metrics.json      method, model, dataset, splits, parameter counts, best val / test accuracy, speed, memory
+    history.csv       per epoch: train loss, val loss, val top-1, lr, seconds
+    curves.png        loss and accuracy curves
+    config.yaml       the resolved config (re-run it with --recipe)
+    log.jsonl         one JSON object per event, for scripts
+    checkpoint/       the full training state of the last finished epoch (for --resume)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .config import TrainConfig, resolve_config
+from .errors import Interrupted, PeftVisionError
+from .train import LoopState
+
+
+class _Log:
+    """JSON lines in the run directory (main process only)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def __call__(self, event: str, **data: Any) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), "event": event, **data}, default=str) + "\n")
+
+
+def finetune(
+    cfg: TrainConfig,
+    resume: bool = False,
+    on_epoch_end: Callable[[LoopState], None] | None = None,
+) -> dict[str, Any]:
+    """Run one fine-tuning job end to end and return its metrics (also written to metrics.json)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .backbone import create_model
+    from .data import load_task, run_loaders
+    from .evaluate import evaluate_model
+    from .export import WEIGHTS_NAME, load_best, save_adapter
+    from .files import write_json, write_yaml
+    from .freeze import get_state, param_report
+    from .injection import enable_grad_checkpointing, inject
+    from .report import peak_memory_mb, plot_curves, reset_peak_memory, write_history
+    from .train import train
+    from .ui import Progress, print_summary
+
+    cfg = resolve_config(cfg)
+    output = Path(cfg.output)
+    if resume and not (output / "checkpoint").is_dir():
+        raise PeftVisionError(f"nothing to resume in {output}: it has no checkpoint/")
+    if not resume and (output / "checkpoint").exists():
+        raise PeftVisionError(
+            f"{output} already holds a run; continue it with --resume {output}, or choose another --output"
+        )
+
+    reset_peak_memory()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        write_yaml(output / "config.yaml", dataclasses.asdict(cfg))
+    log = _Log(output / "log.jsonl" if main else None)
+    log("start", resume=resume, config=dataclasses.asdict(cfg), processes=accelerator.num_processes)
+
+    # ---- data, backbone, method
+    task = load_task(cfg.dataset, seed=cfg.seed, max_test=cfg.max_test)
+    model = create_model(cfg.model, pretrained=True, checkpoint=cfg.checkpoint, num_classes=task.num_classes)
+    inject(model, cfg.method, **cfg.options)
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(model)
+    resize = cfg.resize or task.resize
+    state = get_state(model)
+    state.class_names, state.resize = list(task.class_names), resize  # saved with the adapter
+    report = param_report(model)
+    loaders = run_loaders(
+        task, model, train_split=cfg.train_split, val_split=cfg.val_split, test_split=cfg.test_split,
+        batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed, resize=resize, augment=cfg.augment,
+    )
+    splits = {role: (name, task.about(name)) for role, name in
+              (("train", cfg.train_split), ("val", cfg.val_split), ("test", cfg.test_split)) if name}
+    log("data", task=repr(task), resize=resize, splits=splits, notes=list(task.notes))
+
+    # ---- train, keeping the best adapter on disk as it happens
+    progress = Progress(cfg.epochs, enabled=main and not cfg.quiet)
+
+    def epoch_end(loop: LoopState) -> None:
+        progress.end_epoch(loop.history[-1])
+        log("epoch", **loop.history[-1])
+        if main:
+            write_history(output / "history.csv", loop.history)
+        if on_epoch_end is not None:
+            on_epoch_end(loop)
+
+    try:
+        with progress:
+            model, loop = train(model, loaders, cfg, output, accelerator, task.num_classes, resume,
+                                on_best=lambda m: save_adapter(m, output), on_epoch_end=epoch_end, progress=progress)
+    except KeyboardInterrupt:
+        log("interrupted")
+        raise Interrupted(
+            f"interrupted; the last finished epoch is saved: continue with "
+            f"`peftvision finetune --resume {output}`"
+        ) from None
+    except PeftVisionError as e:
+        log("error", message=str(e))
+        raise
+
+    # ---- test the best adapter (every process reads the file the main process wrote)
+    accelerator.wait_for_everyone()
+    load_best(model, output)
+    test: dict[str, float] = {}
+    if loaders.test is not None:
+        test = evaluate_model(accelerator.prepare(model), accelerator.prepare(loaders.test), task.num_classes, accelerator)
+    metrics = {
+        "method": cfg.method,
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "task_group": getattr(task, "group", None),
+        "seed": cfg.seed,
+        "lr": cfg.lr,
+        "epochs_run": loop.epoch,
+        "best_epoch": loop.best_epoch,
+        "trainable_params": report.trainable,
+        "method_params": report.method_params,
+        "total_params": report.total,
+        "trainable_percent": report.percent,
+        "adapter_bytes": (output / WEIGHTS_NAME).stat().st_size,
+        "best_val_top1": loop.best_top1 if loop.best_top1 >= 0 else None,
+        "splits": {role: {"split": name, "images": len(task.split(name)), "about": about}
+                   for role, (name, about) in splits.items()},
+        "resize": resize,
+        "test_top1": test.get("top1"),
+        "test_top5": test.get("top5"),
+        "test_mean_per_class_accuracy": test.get("mean_per_class_accuracy"),
+        "train_seconds": loop.train_seconds,
+        "images_per_second": loop.images_seen / max(loop.train_seconds, 1e-9),
+        "peak_memory_mb": peak_memory_mb(),
+        "processes": accelerator.num_processes,
+    }
+    if main:
+        write_json(output / "metrics.json", metrics)
+        write_history(output / "history.csv", loop.history)
+        plot_curves(output / "curves.png", loop.history, f"{cfg.method} on {cfg.dataset} ({cfg.model})")
+        if not cfg.quiet:
+            print_summary(metrics, output)
+    log("done", **metrics)
+    accelerator.wait_for_everyone()
+    return metrics
