@@ -229,6 +229,7 @@ def read_run_config(output: str | Path) -> TrainConfig:
 def resume_config(output: str | Path, flags: dict[str, Any], recipe: str | None = None, sets: list[str] | None = None) -> TrainConfig:
     """The saved config of the run in `output`, with only --epochs / --quiet applied; any other setting
     is refused, since a run continued with other settings would be neither run."""
+    cfg = read_run_config(output)  # first: is there a run at all?
     given = sorted(k for k, v in flags.items() if v is not None and k not in RESUMABLE and k != "output")
     if recipe:
         given.insert(0, "recipe")
@@ -239,7 +240,6 @@ def resume_config(output: str | Path, flags: dict[str, Any], recipe: str | None 
         raise ConfigError(
             f"--resume continues {output} with its saved settings; only --epochs and --quiet can change (got {names})"
         )
-    cfg = read_run_config(output)
     changes = {k: flags[k] for k in RESUMABLE if flags.get(k) is not None}
     return dataclasses.replace(cfg, output=str(output), **changes)
 
