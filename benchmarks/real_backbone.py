@@ -162,13 +162,14 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain loop (ours: its default)")
     p.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results-real-backbone.json")
-    p.add_argument("--summary", action="store_true", help="only print the table of --output")
+    p.add_argument("--summary", nargs="*", metavar="FILE", help="only print the table of --output (or of these files)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     results: list[dict[str, Any]] = json.loads(args.output.read_text())["runs"] if args.output.is_file() else []
-    if args.summary:
-        print(summary(results))
+    if args.summary is not None:
+        files = [Path(f) for f in args.summary] or [args.output]
+        print(summary([r for f in files for r in json.loads(f.read_text())["runs"]]))
         return 0
     if not args.backbone.is_file() or not args.data.is_dir():
         print(f"needs {args.backbone} and {args.data} (../shared)", file=sys.stderr)

@@ -36,3 +36,12 @@ def test_bench_lora_layer_runs_on_tiny_shapes(tmp_path):
     assert {"frozen", "lora q,v", "lora q,k,v", "lora qkv", "peft lora qkv"} <= set(ms)
     assert all(v > 0 for v in ms.values())
     assert "| frozen |" in proc.stdout
+
+
+def test_real_backbone_summary_averages_seeds(tmp_path):
+    """The real-backbone benchmark's table (its runs are tested in test_real_backbone.py)."""
+    runs = [{"run": "lora", "seed": s, "test_top1": v, "wall_seconds": 10.0 * (s + 1)} for s, v in enumerate((80.0, 82.0, 84.0))]
+    (tmp_path / "r.json").write_text(json.dumps({"runs": runs}))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "real_backbone.py"), "--summary", str(tmp_path / "r.json")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "| lora | 3 | 82.0 ± 2.0 | 80.0, 82.0, 84.0 | 20 |" in out

@@ -71,3 +71,15 @@ def test_merge_and_export_end_to_end(tmp_path, base_checkpoint):
     pv.save_adapter(vpt, tmp_path / "vpt")
     assert main(["merge", "--adapter", str(tmp_path / "vpt"), "--checkpoint", ckpt, "--output", str(tmp_path / "v.safetensors")]) == 2
     assert not (tmp_path / "v.safetensors").exists()
+
+
+def test_help_texts_name_no_single_method():
+    """The registry is the extension point: commands that serve every method do not speak of one."""
+    import contextlib
+    import io
+
+    for command in ("merge", "export", "compare", "info"):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "LoRA" not in out.getvalue() and "lora" not in out.getvalue(), command

@@ -79,3 +79,15 @@ def test_compare_rejects_bad_input(tmp_path, capsys):
     assert "unknown method(s) nope" in capsys.readouterr().err
     assert main(["compare", "--tasks", "builtin:nope", "--output", str(tmp_path)]) == 2
     assert "unknown built-in task 'nope'" in capsys.readouterr().err
+
+
+def test_load_rows_closes_its_file(tmp_path):
+    import gc
+    import warnings
+
+    (tmp_path / "results.csv").write_text("method,test_top1\nlora,81.5\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_rows(tmp_path / "results.csv") == [{"method": "lora", "test_top1": 81.5}]
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
