@@ -166,11 +166,7 @@ def load_adapter(
 def load_best(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Copy the trainable tensors of the adapter file in `directory` into `model` (in place): after
     training, the best-on-validation adapter replaces the last epoch's."""
-    best = load_tensors(Path(directory) / WEIGHTS_NAME)
-    with torch.no_grad():
-        for name, p in unwrap(model).named_parameters():
-            if name in best:
-                p.copy_(best[name].to(p.device, p.dtype))
+    _copy_tensors(unwrap(model), _require_state(model), load_tensors(Path(directory) / WEIGHTS_NAME), directory)
     return model
 
 
@@ -191,7 +187,7 @@ def _copy_tensors(model: nn.Module, state: PeftState, tensors: dict[str, torch.T
                     f"{directory}: tensor {name} has shape {tuple(src.shape)}, the model expects {tuple(dst.shape)} "
                     f"(different num_classes or method config?)"
                 )
-            dst.copy_(src)
+            dst.copy_(src.to(dst.device, dst.dtype))
 
 
 # ----------------------------------------------------------------------------- merge
