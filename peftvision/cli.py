@@ -97,7 +97,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     task = load_task(args.dataset, seed=args.seed)
     if task.num_classes != model.num_classes:
         raise DataError(f"{args.dataset} has {task.num_classes} classes, the adapter's head {model.num_classes}")
-    transform = make_transform(model, train=False, resize=get_state(model).resize or "crop")
+    transform = make_transform(model, train=False, resize=get_state(model).resize)
     loader = build_loader(task.dataset(args.split, transform), batch_size=args.batch_size, num_workers=args.num_workers)
     metrics = evaluate_model(model, loader, task.num_classes)
     print(json.dumps({"adapter": str(args.adapter), "dataset": args.dataset, "split": args.split, **metrics}))
@@ -113,7 +113,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     model = load_adapter(args.adapter, checkpoint=args.checkpoint, ignore_fingerprint=args.ignore_fingerprint).eval()
     names = get_state(model).class_names
-    transform = make_transform(model, train=False, resize=get_state(model).resize or "crop")
+    transform = make_transform(model, train=False, resize=get_state(model).resize)
     for path in args.images:
         x = transform(open_image(path)).unsqueeze(0)
         with torch.no_grad():

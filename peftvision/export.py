@@ -157,8 +157,9 @@ def load_adapter(
     _copy_tensors(model, state, tensors, directory)
     names = info.get("class_names")
     state.class_names = list(names) if names is not None else None
-    # adapters written before the field existed were all trained on squashed images
-    state.resize = info.get("resize", "squash")
+    # adapters written before the field existed were all trained on squashed images; one saved from a
+    # user's own loop (null) was fed timm's own eval transform
+    state.resize = info.get("resize", "squash") or "crop"
     model.peftvision_spec = ModelSpec(info["name"], dict(info.get("kwargs") or {}))
     return model
 

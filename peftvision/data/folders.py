@@ -103,7 +103,6 @@ def load_imagefolder(path: str, *, seed: int, max_test: int | None = None, group
     )
     if not split_dirs:
         notes.insert(0, "no split folders: test held out of the class folders")
-    for i in splits["trainval"].indices:  # fail at load, naming the file, not in a worker an hour in
-        source.check(int(i))
+    splits["trainval"].check()
     meta.update(root=str(root), split_folders=sorted(d.name for d in split_dirs.values()))
     return Task(name, group, class_names, splits, tuple(notes), meta, resize="crop")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -164,8 +163,3 @@ class HFSource:
     def check(self, i: int) -> None:
         src, name = self._cell(i)
         _check(src, name)
-
-
-def image_files(folder: Path) -> list[Path]:
-    """Image files directly inside `folder`, by extension, sorted."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)

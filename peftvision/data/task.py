@@ -35,6 +35,12 @@ class Split:
     def __len__(self) -> int:
         return len(self.indices)
 
+    def check(self) -> None:
+        """Read every image's header (~0.1 ms each): fail at load, naming the file, rather than in a
+        DataLoader worker an hour into training."""
+        for i in self.indices:
+            self.source.check(int(i))
+
 
 @dataclass(frozen=True)
 class Task:
