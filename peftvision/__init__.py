@@ -24,6 +24,8 @@ _API = {
     "merge": "peftvision.export",
     "save_merged": "peftvision.export",
     "export_peft": "peftvision.export",
+    "MultiAdapterModel": "peftvision.multi",
+    "create_app": "peftvision.serve",
     "create_model": "peftvision.backbone",
     "describe": "peftvision.backbone",
     "list_methods": "peftvision.methods",

@@ -137,6 +137,17 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"results in {cc.output}: results.csv, results.json, summary.md, accuracy_vs_params.png, per_task.png")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Many adapters over one frozen backbone, batched together, over HTTP."""
+    from .serve import find_adapters, serve
+
+    serve(
+        find_adapters(args.adapter, args.adapters_dir), checkpoint=args.checkpoint, host=args.host, port=args.port,
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_image_mb=args.max_image_mb,
+        ignore_fingerprint=args.ignore_fingerprint,
+    )
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -224,6 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["peft"], default="peft", help="target format")
     p.add_argument("--output", required=True, help="output directory")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="serve many adapters over one backbone over HTTP", formatter_class=fmt)
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR", help="an adapter to serve as NAME (repeatable)")
+    p.add_argument("--adapters-dir", metavar="DIR", help="serve every adapter folder directly inside DIR, named by its folder")
+    p.add_argument("--checkpoint", help="local weights file for the shared base model (default: download from the hub)")
+    p.add_argument("--ignore-fingerprint", action="store_true", help="accept adapters trained on other base weights")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=32, help="most requests run as one batch")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    p.add_argument("--max-image-mb", type=float, default=20.0, help="largest image file accepted (413 above)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

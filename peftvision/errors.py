@@ -17,6 +17,18 @@ class AdapterFileError(PeftVisionError):
     """An adapter directory is missing, corrupt, truncated or belongs to another base model."""
 
 
+class BaseMismatchError(AdapterFileError):
+    """An adapter was trained on other base weights than the model it is put on (serving refuses it)."""
+
+
+class AdapterExistsError(PeftVisionError):
+    """An adapter is added under a name that is already taken."""
+
+
+class UnknownAdapterError(PeftVisionError):
+    """A request names an adapter that is not loaded."""
+
+
 class ConfigError(PeftVisionError):
     """An unknown method, an unknown option or an invalid value."""
 

@@ -13,7 +13,7 @@ the sources (`images` decodes their files); `protocol` draws the splits; `task` 
 
 from __future__ import annotations
 
-from .images import open_image, to_rgb
+from .images import decode_image, open_image, to_rgb
 from .specs import KINDS, list_tasks, load_task, summarize_task
 from .task import GROUPS, SPLITS, Split, Task, TaskDataset
 from .loaders import EpochSampler, RunLoaders, build_loader, run_loaders
@@ -25,6 +25,6 @@ DEFAULT_TASK = "builtin:digits"
 
 __all__ = [
     "DEFAULT_TASK", "GROUPS", "KINDS", "RESIZE_MODES", "SPLITS", "EpochSampler", "RunLoaders", "Split", "Task",
-    "TaskDataset", "build_loader", "input_size", "list_tasks", "load_task", "make_transform", "open_image",
+    "TaskDataset", "build_loader", "input_size", "list_tasks", "load_task", "make_transform", "open_image", "decode_image",
     "run_loaders", "summarize_task", "to_rgb",
 ]

@@ -78,6 +78,11 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     return _decode(path, str(path))
 
 
+def decode_image(data: bytes, name: str = "the image") -> Image.Image:
+    """Decode an encoded image file (PNG, JPEG, ...) held in memory as RGB (used by `serve`)."""
+    return _decode(io.BytesIO(data), name)
+
+
 class ArraySource:
     """uint8 images in a .npy file, (N, H, W) gray or (N, H, W, 3) RGB, memory-mapped.
 

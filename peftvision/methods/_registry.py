@@ -16,6 +16,7 @@ from torch import nn
 
 from ..backbone import Backbone
 from ..errors import ConfigError, PeftVisionError
+from ._parts import OwnModel, Part
 
 
 class PeftModule(nn.Module):
@@ -75,6 +76,12 @@ class Method:
 
     def merge(self, model: nn.Module, backbone: Backbone, config: Any) -> None:
         """Fold the method into the base weights and remove every `PeftModule`, in place."""
+
+    def serve_parts(self, model: nn.Module, backbone: Backbone, config: Any) -> list[Part]:
+        """What the loaded adapter in `model` adds to the frozen base, as `_parts` a multi-adapter
+        model batches per sample. The head is not a part: every method trains one, it is served
+        generically. Default: the method's modules are opaque, so its samples get their own model."""
+        return [OwnModel(model)]
 
     def exportable(self, config: Any) -> str | None:
         """None if `to_peft` can write the method in HF PEFT's format, else the reason it cannot."""

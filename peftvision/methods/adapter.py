@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from ..backbone import Backbone
+from ._parts import Bottleneck as BottleneckPart
+from ._parts import Part
 from ._registry import Method, PeftModule, register_method
 
 PLACEMENTS = ("ffn", "attn+ffn", "parallel")
@@ -119,3 +121,15 @@ class HoulsbyAdapter(Method):
                 bottleneck = Bottleneck(_width(base, block.dim), int(config.dim), config.activation, config.dropout, factory)
                 wrapper = AdapterWrapper(base, bottleneck, config.placement == "parallel", config.scale)
                 model.set_submodule(f"{block.name}.{child}", wrapper)
+
+    def serve_parts(self, model: nn.Module, backbone: Backbone, config: AdapterConfig) -> list[Part]:
+        parts: list[Part] = []
+        for name, m in model.named_modules():
+            if isinstance(m, AdapterWrapper):
+                scale = m.scale if m.parallel else 1.0  # folded into the up-projection
+                down, up = m.adapter.down, m.adapter.up
+                parts.append(BottleneckPart(
+                    name, down.weight.detach(), down.bias.detach(), up.weight.detach() * scale,
+                    up.bias.detach() * scale, config.activation, "input" if m.parallel else "output",
+                ))
+        return parts

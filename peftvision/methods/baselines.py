@@ -12,6 +12,7 @@ from typing import Iterator
 from torch import nn
 
 from ..backbone import Backbone
+from ._parts import Bias, OwnModel, Part
 from ._registry import Method, register_method
 
 
@@ -44,6 +45,9 @@ class LinearProbe(_Baseline):
     def expected_params(self, model: nn.Module, backbone: Backbone, config: NoOptions) -> int:
         return 0
 
+    def serve_parts(self, model: nn.Module, backbone: Backbone, config: NoOptions) -> list[Part]:
+        return []  # the head is all it has
+
 
 @register_method
 class FullFineTuning(_Baseline):
@@ -74,6 +78,14 @@ class BitFit(_Baseline):
     def expected_params(self, model: nn.Module, backbone: Backbone, config: NoOptions) -> int:
         return sum(p.numel() for n, p in model.named_parameters()
                    if n.rsplit(".", 1)[-1].endswith("bias") and not backbone.is_head(n.rsplit(".", 1)[0]))
+
+    def serve_parts(self, model: nn.Module, backbone: Backbone, config: NoOptions) -> list[Part]:
+        if any(n.endswith("_bias") for n, _ in model.named_parameters()):
+            return [OwnModel(model)]  # BEiT / EVA's q_bias, v_bias are used inside the attention's own code
+        return [
+            Bias(name, module.bias.detach()) for name, module in model.named_modules()
+            if isinstance(getattr(module, "bias", None), nn.Parameter) and not backbone.is_head(name)
+        ]
 
     def trainable_parameters(self, model: nn.Module, backbone: Backbone, config: NoOptions) -> Iterator[nn.Parameter]:
         for module in model.modules():

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..backbone import Backbone, BlockInfo
 from ..errors import ConfigError
+from ._parts import LowRank, Part
 from ._registry import Method, PeftModule, register_method
 
 QKV_SLICES = ("q", "k", "v")
@@ -192,6 +193,12 @@ class LoRA(Method):
             if isinstance(module, LoRALinear):
                 module.merge()
                 model.set_submodule(name, module.base_layer)
+
+    def serve_parts(self, model: nn.Module, backbone: Backbone, config: LoRAConfig) -> list[Part]:
+        return [
+            LowRank(name, m.lora_A.detach(), m.block_b().detach() * m.scaling)
+            for name, m in model.named_modules() if isinstance(m, LoRALinear)
+        ]
 
     def to_peft(self, model: nn.Module, backbone: Backbone, config: LoRAConfig) -> tuple[Any, dict[str, torch.Tensor]]:
         """A LoRA on T slices of a Linear is a rank r*T LoRA on the whole Linear with block-structured B.

@@ -23,10 +23,11 @@ Swin family (the VPT authors' design for windowed attention)
 
 from __future__ import annotations
 
+import copy
 import math
 import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ from torch import nn
 
 from ..backbone import Backbone
 from ..errors import UnsupportedModelError
+from ._parts import Part, Prompts
 from ._registry import Method, PeftModule, register_method
 
 
@@ -82,8 +84,19 @@ class ViTPrompts(PeftModule):
         self.dropout = nn.Dropout(config.dropout)
         self.npt = backbone.num_prefix_tokens
         self.deep = deep
+        # serving many adapters (`stacked`): every member's prompts, and which member each sample uses
+        self.bank: torch.Tensor | None = None  # (members, layers, P, D)
+        self.rows: torch.Tensor | None = None  # (B,)
+
+    @classmethod
+    def stacked(cls, members: list["ViTPrompts"]) -> "ViTPrompts":
+        routed = copy.deepcopy(members[0])
+        routed.bank = torch.stack([m.prompts.detach() for m in members])
+        return routed
 
     def _prompt(self, layer: int, batch: int) -> torch.Tensor:
+        if self.rows is not None:
+            return self.bank[self.rows, layer]  # (B, P, D)
         return self.dropout(self.prompts[layer]).unsqueeze(0).expand(batch, -1, -1)  # (B, P, D)
 
     def insert(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -104,13 +117,20 @@ class ViTPrompts(PeftModule):
         n = self.npt + self.prompts.shape[1]
         return torch.cat([output[:, : self.npt], output[:, n:]], dim=1)
 
-    def attach(self, model: nn.Module, backbone: Backbone) -> None:
+    def attach(self, model: nn.Module, backbone: Backbone) -> Callable[[], None]:
+        """Hook the prompts into `model`'s blocks; the returned callable unhooks them."""
         blocks = [model.get_submodule(b.name) for b in backbone.blocks]
-        blocks[0].register_forward_pre_hook(self.insert, with_kwargs=True)
+        handles = [blocks[0].register_forward_pre_hook(self.insert, with_kwargs=True)]
         if self.deep:
             for i, block in enumerate(blocks[1:], start=1):
-                block.register_forward_pre_hook(self.replace(i), with_kwargs=True)
-        blocks[-1].register_forward_hook(self.remove)
+                handles.append(block.register_forward_pre_hook(self.replace(i), with_kwargs=True))
+        handles.append(blocks[-1].register_forward_hook(self.remove))
+
+        def detach() -> None:
+            for h in handles:
+                h.remove()
+
+        return detach
 
 
 class _SwinCarry:
@@ -165,10 +185,26 @@ class SwinPrompts(PeftModule):
         self.dropout = nn.Dropout(config.dropout)
         self.deep = deep
         self.carry = _SwinCarry()
+        # serving many adapters (`stacked`): per stage, every member's prompts; which member each sample uses
+        self.bank: list[torch.Tensor] | None = None  # per stage (members, blocks, P, C)
+        self.rows: torch.Tensor | None = None  # (B,)
 
-    def attach(self, model: nn.Module, backbone: Backbone) -> None:
+    @classmethod
+    def stacked(cls, members: list["SwinPrompts"]) -> "SwinPrompts":
+        routed = copy.deepcopy(members[0])
+        routed.bank = [torch.stack([m.prompts[s].detach() for m in members]) for s in range(len(routed.prompts))]
+        return routed
+
+    def _prompt(self, stage: int, index: int, batch: int) -> torch.Tensor:
+        if self.rows is not None:
+            return self.bank[stage][self.rows, index]  # (B, P, C)
+        return self.dropout(self.prompts[stage][index]).unsqueeze(0).expand(batch, -1, -1)
+
+    def attach(self, model: nn.Module, backbone: Backbone) -> Callable[[], None]:
+        """Hook the prompts into `model`'s blocks and attentions; the returned callable undoes it."""
         first, last = (model.get_submodule(b.name) for b in (backbone.blocks[0], backbone.blocks[-1]))
-        first.register_forward_pre_hook(self._start)  # before the first block's own hook
+        handles = [first.register_forward_pre_hook(self._start)]  # before the first block's own hook
+        patched: list[nn.Module] = []
         if not self.deep:
             for stage in backbone.stage_names[1:]:
                 downsample = getattr(model.get_submodule(stage), "downsample", None)
@@ -177,7 +213,7 @@ class SwinPrompts(PeftModule):
                         f"{backbone.architecture}: {stage} has no patch merging with norm and reduction; "
                         f"use vpt-deep, lora or adapter with this model"
                     )
-                downsample.register_forward_pre_hook(self._merge)
+                handles.append(downsample.register_forward_pre_hook(self._merge))
         index_in_stage: dict[int, int] = {}
         for info in backbone.blocks:
             j = index_in_stage[info.stage] = index_in_stage.get(info.stage, -1) + 1
@@ -190,16 +226,25 @@ class SwinPrompts(PeftModule):
                 )
             attn._vpt_carry = self.carry
             attn.forward = types.MethodType(_prompted_window_attention, attn)
-            block.register_forward_pre_hook(self._before_block(info.stage, j))
+            patched.append(attn)
+            handles.append(block.register_forward_pre_hook(self._before_block(info.stage, j)))
             if not self.deep and block is not last:  # deep prompts' outputs are never read
-                block.register_forward_hook(self._after_block)
-        last.register_forward_hook(self._end)
+                handles.append(block.register_forward_hook(self._after_block))
+        handles.append(last.register_forward_hook(self._end))
+
+        def detach() -> None:
+            for h in handles:
+                h.remove()
+            for attn in patched:  # back to the class's own forward
+                del attn.forward, attn._vpt_carry
+
+        return detach
 
     # -- hooks; shapes: prompts (B, P, C)
     def _start(self, block: nn.Module, args: tuple) -> None:
         self.carry.prompts = self.carry.normed = self.carry.attn_out = None
         if not self.deep:  # args[0]: (B, H, W, C)
-            self.carry.prompts = self.dropout(self.prompts[0][0]).unsqueeze(0).expand(args[0].shape[0], -1, -1)
+            self.carry.prompts = self._prompt(0, 0, args[0].shape[0])
 
     def _end(self, block: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self.carry.prompts = self.carry.normed = self.carry.attn_out = None  # free the graph's references
@@ -212,8 +257,7 @@ class SwinPrompts(PeftModule):
     def _before_block(self, stage: int, index: int) -> Any:
         def hook(block: nn.Module, args: tuple) -> None:
             if self.deep:
-                batch = args[0].shape[0]
-                self.carry.prompts = self.dropout(self.prompts[stage][index]).unsqueeze(0).expand(batch, -1, -1)
+                self.carry.prompts = self._prompt(stage, index, args[0].shape[0])
             if self.carry.prompts is not None:
                 self.carry.normed = block.norm1(self.carry.prompts)
 
@@ -243,6 +287,9 @@ class _VPT(Method):
             prompts = SwinPrompts(model, backbone, config, self.deep)
         prompts.attach(model, backbone)
         model.vpt = prompts
+
+    def serve_parts(self, model: nn.Module, backbone: Backbone, config: VPTConfig) -> list[Part]:
+        return [Prompts((self.name, int(config.num_tokens)), model.vpt)]  # one length per group: one pass
 
     def grad_checkpointing_unsupported(self, backbone: Backbone, config: VPTConfig) -> str | None:
         if backbone.family == "swin" and not self.deep:

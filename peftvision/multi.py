@@ -1,0 +1,501 @@
+"""One frozen backbone, many adapters, mixed in one batch: `MultiAdapterModel`.
+
+Each adapter is loaded as its method's `serve_parts` (low-rank updates, bottlenecks, bias values,
+prompts, or a model of its own) plus its head. Parts of one kind at one site are stacked over the
+adapters that have them, slot 0 being all zeros; a forward hook on the base module gathers each
+sample's slot and applies every sample's part with two batched matmuls (the BGMV idea of
+Punica / S-LoRA), so the cost does not grow with the number of distinct adapters in a batch and no
+Python loop runs over adapters. Padding ranks / bottleneck widths with zeros keeps every sample's
+result exact: a zero factor adds exactly zero.
+
+Samples are grouped only where the computation differs in shape: adapters with prompts run a pass
+per prompt group (same kind and token count), an adapter with a model of its own (full fine-tuning)
+runs that model. Everything else -- LoRA, bottleneck adapters, BitFit, linear heads, the plain base
+-- shares one pass. The base's modules are never replaced: the hooks act only inside this class's
+forward, so `model.base(x)` is the plain timm model.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import architecture_signature, create_model, describe, model_spec, weights_fingerprint
+from .errors import AdapterExistsError, AdapterFileError, BaseMismatchError, ConfigError, PeftVisionError, UnknownAdapterError
+from .export import WEIGHTS_NAME, load_adapter, read_adapter_config
+from .freeze import get_state, param_report, unwrap
+from .methods import get_method
+from .methods._parts import Bias, Bottleneck, LowRank, OwnModel, Part, Prompts
+
+BASE = "base"  # the name that selects the plain backbone and its own head
+# activations a bottleneck may use here: each maps 0 to 0, so zero-padded widths stay exact
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu, "relu": F.relu, "identity": lambda x: x,
+}
+
+
+@dataclass
+class AdapterInfo:
+    """A loaded adapter, as `GET /adapters` lists it."""
+
+    name: str
+    directory: str
+    method: str
+    num_classes: int
+    classes: list[str]
+    trainable_params: int
+    adapter_bytes: int
+    resize: str
+    parts: list[Part] = field(repr=False)
+    head: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(repr=False)  # path -> (C, D), (C,)
+    route: tuple = ("shared",)  # ("shared",) | ("prompts", group) | ("own",)
+
+    def describe(self) -> dict[str, Any]:
+        keys = ("name", "method", "num_classes", "classes", "trainable_params", "adapter_bytes")
+        return {k: getattr(self, k) for k in keys}
+
+
+class _Stack:
+    """One kind of part at one site, stacked over the adapters that have it (slot 0: zeros)."""
+
+    def __init__(self, names: list[str], tensors: list[torch.Tensor], apply: Callable) -> None:
+        self.slot = {n: i + 1 for i, n in enumerate(names)}
+        self.tensors = tensors
+        self.apply = apply  # (stack, slots (b,), input, output) -> output
+
+
+def _checkpoint_classes(name: str, checkpoint: str | None) -> int | None:
+    """The head size stored in a local safetensors checkpoint (a fine-tuned backbone's head need not
+    have the registered config's size), so the base keeps its own head for "base" predictions."""
+    if checkpoint is None or not str(checkpoint).endswith(".safetensors"):
+        return None
+    import timm.models
+    from safetensors import safe_open
+
+    from .models import register_default_models
+
+    register_default_models()
+    try:
+        classifier = timm.models.get_pretrained_cfg(name.split(".")[0]).classifier
+        classifier = classifier if isinstance(classifier, str) else classifier[0]
+        with safe_open(str(checkpoint), "pt") as f:
+            key = f"{classifier}.weight"
+            return f.get_slice(key).get_shape()[0] if key in f.keys() else None
+    except Exception:  # noqa: BLE001 -- unreadable here: create_model reports it properly
+        return None
+
+
+def _short(fingerprint: str) -> str:
+    return fingerprint.split(":")[-1][:12]
+
+
+def _stack(rows: list[torch.Tensor], shape: tuple[int, ...], ref: torch.Tensor) -> torch.Tensor:
+    """(len(rows) + 1, *shape) zeros with row i + 1 holding rows[i] in its leading corner."""
+    out = ref.new_zeros((len(rows) + 1, *shape))
+    for i, r in enumerate(rows):
+        out[(i + 1, *(slice(0, s) for s in r.shape))] = r
+    return out
+
+
+# ----------------------------------------------------------------------------- batched parts
+# Inputs and outputs are (b * k, ..., C) with the k rows of one sample contiguous: (B, N, C) tokens,
+# (B * windows, N, C) for Swin's window attention, (B, C) pooled. Viewing them as (b, -1, C) gives
+# each sample its own matrix of rows.
+
+def _apply_low_rank(stack: _Stack, slots: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    a_t, b_t = stack.tensors  # (S, in, R), (S, R, out)
+    b = slots.numel()
+    z = torch.bmm(x.reshape(b, -1, x.shape[-1]), a_t[slots])  # (b, L, R)
+    out = out.contiguous()
+    out.view(b, -1, out.shape[-1]).baddbmm_(z, b_t[slots])  # out += z @ B^T per sample
+    return out
+
+
+def _bottleneck_apply(activation: Callable, reads_input: bool) -> Callable:
+    def apply(stack: _Stack, slots: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        down_t, down_b, up_t, up_b = stack.tensors  # (S, D, m), (S, m), (S, m, D_out), (S, D_out)
+        b = slots.numel()
+        z = (x if reads_input else out).reshape(b, -1, down_t.shape[1])  # (b, L, D)
+        h = activation(torch.baddbmm(down_b[slots].unsqueeze(1), z, down_t[slots]))  # (b, L, m)
+        delta = torch.baddbmm(up_b[slots].unsqueeze(1), h, up_t[slots])  # (b, L, D_out)
+        return out + delta.view(out.shape)
+
+    return apply
+
+
+def _bias_apply(channels_first: bool) -> Callable:
+    def apply(stack: _Stack, slots: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        (delta,) = stack.tensors  # (S, C): the adapter's bias minus the base's
+        b, d = slots.numel(), delta[slots]
+        if channels_first:  # (b, C, H, W)
+            return (out.reshape(b, d.shape[1], -1) + d.unsqueeze(-1)).view(out.shape)
+        return (out.reshape(b, -1, d.shape[1]) + d.unsqueeze(1)).view(out.shape)
+
+    return apply
+
+
+# ----------------------------------------------------------------------------- the model
+
+class MultiAdapterModel(nn.Module):
+    """A frozen timm model serving many adapters at once: `model(x, adapters=["a", "b", "a"])`.
+
+    Every sample's logits equal those of its own adapter's model (unmerged or merged); a batch that
+    mixes adapters with different class counts is padded with -inf (probability 0) to the widest.
+
+    Args:
+        base_model: the plain timm model every adapter was trained on (not modified).
+        adapters: {name: adapter directory} to load now; more can be added with `add_adapter`.
+        ignore_fingerprint: accept adapters trained on other weights of the same architecture.
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        adapters: Mapping[str, str | os.PathLike] | None = None,
+        ignore_fingerprint: bool = False,
+    ) -> None:
+        super().__init__()
+        base = unwrap(base_model)
+        if get_state(base) is not None:
+            raise PeftVisionError("MultiAdapterModel needs the plain base model, not one with a method injected")
+        self.base = base.eval().requires_grad_(False)
+        self.backbone = describe(base)
+        self.base_name = model_spec(base).name
+        self.fingerprint = weights_fingerprint(base, self.backbone)
+        self.signature = architecture_signature(base, self.backbone)
+        self.ignore_fingerprint = ignore_fingerprint
+        self._ref = next(base.parameters())
+        self._adapters: dict[str, AdapterInfo] = {}
+        self._own: nn.ModuleDict = nn.ModuleDict()  # models of adapters that share no weights
+        self._prompts: dict[tuple, tuple[Any, dict[str, int]]] = {}  # group -> (routed module, member rows)
+        self._sites: dict[str, list[_Stack]] = {}
+        self._heads: dict[str, _Stack] = {}
+        self._handles: list[Any] = []
+        self._names: list[str] | None = None  # adapter of each sample in the pass that is running
+        self._slots: dict[int, torch.Tensor | None] = {}
+        self._lock = threading.RLock()  # adding / removing adapters vs. a forward in another thread
+        for name, directory in (adapters or {}).items():
+            self.add_adapter(name, directory)
+
+    @classmethod
+    def from_adapters(
+        cls, adapters: Mapping[str, str | os.PathLike], checkpoint: str | None = None,
+        pretrained: bool = True, ignore_fingerprint: bool = False,
+    ) -> "MultiAdapterModel":
+        """Build the base the adapters name (from the hub, or `checkpoint`) and load them all."""
+        if not adapters:
+            raise ConfigError("no adapters given")
+        info = read_adapter_config(next(iter(adapters.values())))["model"]
+        base = create_model(
+            info["name"], pretrained=pretrained or checkpoint is not None, checkpoint=checkpoint,
+            num_classes=_checkpoint_classes(info["name"], checkpoint), **(info.get("kwargs") or {}),
+        )
+        return cls(base, adapters, ignore_fingerprint=ignore_fingerprint)
+
+    # ------------------------------------------------------------------------- adapters
+
+    @property
+    def adapters(self) -> list[AdapterInfo]:
+        return list(self._adapters.values())
+
+    def __contains__(self, name: str) -> bool:
+        return name == BASE or name in self._adapters
+
+    def info(self, name: str) -> AdapterInfo:
+        if name not in self._adapters:
+            loaded = ", ".join(self._adapters) or "none"
+            raise UnknownAdapterError(f"no adapter named {name!r} is loaded (loaded: {loaded}; or {BASE!r})")
+        return self._adapters[name]
+
+    def add_adapter(self, name: str, directory: str | os.PathLike) -> AdapterInfo:
+        """Load the adapter in `directory` as `name`; refused if it was trained on another base."""
+        if not name or name == BASE or "/" in name:
+            raise ConfigError(f"bad adapter name {name!r}: use a non-empty name without '/', other than {BASE!r}")
+        with self._lock:
+            if name in self._adapters:
+                raise AdapterExistsError(f"an adapter named {name!r} is already loaded; remove it first")
+            adapter = self._load(name, directory)
+            self._adapters[name] = adapter
+            if adapter.route[0] == "own":
+                self._own[name] = next(p.model for p in adapter.parts if isinstance(p, OwnModel))
+            try:
+                self._rebuild()
+            except PeftVisionError:
+                self._adapters.pop(name)
+                if name in self._own:
+                    del self._own[name]
+                self._rebuild()
+                raise
+            return adapter
+
+    def remove_adapter(self, name: str) -> None:
+        with self._lock:
+            self.info(name)
+            del self._adapters[name]
+            if name in self._own:
+                del self._own[name]
+            self._rebuild()
+
+    def _check_base(self, name: str, directory: Any, config: dict[str, Any]) -> None:
+        trained_on = config["model"].get("name")
+        if config["architecture_signature"] != self.signature:
+            raise BaseMismatchError(
+                f"adapter {name!r} ({directory}) was trained on {trained_on}, a different architecture "
+                f"from this model's base {self.base_name}"
+            )
+        method = get_method(config["method"])
+        if not (method.saves_backbone or self.ignore_fingerprint) and config["base_fingerprint"] != self.fingerprint:
+            raise BaseMismatchError(
+                f"adapter {name!r} ({directory}) was trained on other weights of {trained_on} "
+                f"(fingerprint {_short(config['base_fingerprint'])}) than this base {self.base_name} "
+                f"({_short(self.fingerprint)}); serve it over the checkpoint it was trained on"
+            )
+
+    def _load(self, name: str, directory: str | os.PathLike) -> AdapterInfo:
+        config = read_adapter_config(directory)
+        self._check_base(name, directory, config)
+        method = get_method(config["method"])
+        num_classes = config["model"].get("num_classes")
+        self._uninstall()  # the copy below must not carry this model's hooks
+        try:
+            if method.trains_base_weights or method.saves_backbone:
+                shell = copy.deepcopy(self.base)  # it writes into base weights: they must be its own
+            else:  # new modules, the base's tensors: an adapter costs its own size only
+                memo = {id(t): t for t in itertools.chain(self.base.parameters(), self.base.buffers())}
+                shell = copy.deepcopy(self.base, memo)
+        finally:
+            self._install()
+        if num_classes is not None:
+            shell.reset_classifier(num_classes)
+        model = load_adapter(directory, model=shell.to(self._ref.device), ignore_fingerprint=True).eval()
+        state = get_state(model)
+        parts = method.serve_parts(model, describe(model), state.config)
+        params = dict(model.named_parameters())
+        head = {
+            path: (params[f"{path}.weight"].detach(), params[f"{path}.bias"].detach() if f"{path}.bias" in params else None)
+            for path in self.backbone.head_names if f"{path}.weight" in params
+        }
+        if not head and not any(isinstance(p, OwnModel) for p in parts):
+            raise AdapterFileError(f"adapter {name!r} ({directory}) has no linear classifier head to serve")
+        groups = [p.group for p in parts if isinstance(p, Prompts)]
+        route = ("own",) if any(isinstance(p, OwnModel) for p in parts) else ("prompts", groups[0]) if groups else ("shared",)
+        return AdapterInfo(
+            name=name, directory=str(directory), method=state.method, num_classes=int(model.num_classes),
+            classes=list(state.class_names) if state.class_names else [str(i) for i in range(model.num_classes)],
+            trainable_params=param_report(model).trainable,
+            adapter_bytes=(Path(directory) / WEIGHTS_NAME).stat().st_size, resize=state.resize or "crop",
+            parts=parts, head=head, route=route,
+        )
+
+    # ------------------------------------------------------------------------- stacking
+
+    def _rebuild(self) -> None:
+        """Stack every site's parts over the loaded adapters and hook the sites (after any change)."""
+        self._uninstall()
+        by_key: dict[tuple, list[tuple[str, Part]]] = {}
+        prompt_groups: dict[tuple, list[tuple[str, Prompts]]] = {}
+        for name, adapter in self._adapters.items():
+            for part in adapter.parts:
+                if isinstance(part, Prompts):
+                    prompt_groups.setdefault(part.group, []).append((name, part))
+                elif isinstance(part, (LowRank, Bottleneck, Bias)):
+                    key = (part.site, type(part).__name__, getattr(part, "activation", ""), getattr(part, "reads", ""))
+                    by_key.setdefault(key, []).append((name, part))
+        self._sites = {}
+        for (site, *_), members in by_key.items():
+            self._sites.setdefault(site, []).append(self._make_stack(site, members))
+        self._prompts = {
+            group: (type(members[0][1].module).stacked([p.module for _, p in members]), {n: i for i, (n, _) in enumerate(members)})
+            for group, members in prompt_groups.items()
+        }
+        self._heads = {path: self._head_stack(path) for path in self.backbone.head_names}
+        self._install()
+
+    def _make_stack(self, site: str, members: list[tuple[str, Part]]) -> _Stack:
+        names = [n for n, _ in members]
+        parts = [p for _, p in members]
+        ref = self._ref
+        to = lambda t: t.to(ref.device, ref.dtype)  # noqa: E731
+        first = parts[0]
+        if isinstance(first, LowRank):
+            r = max(p.a.shape[0] for p in parts)
+            a_t = _stack([to(p.a).t() for p in parts], (first.a.shape[1], r), ref)
+            b_t = _stack([to(p.b).t() for p in parts], (r, first.b.shape[0]), ref)
+            return _Stack(names, [a_t, b_t], _apply_low_rank)
+        if isinstance(first, Bottleneck):
+            if first.activation not in _ACTIVATIONS:
+                raise ConfigError(f"{site}: cannot serve a bottleneck with activation {first.activation!r}")
+            m = max(p.down_weight.shape[0] for p in parts)
+            d, d_out = first.down_weight.shape[1], first.up_weight.shape[0]
+            tensors = [
+                _stack([to(p.down_weight).t() for p in parts], (d, m), ref),
+                _stack([to(p.down_bias) for p in parts], (m,), ref),
+                _stack([to(p.up_weight).t() for p in parts], (m, d_out), ref),
+                _stack([to(p.up_bias) for p in parts], (d_out,), ref),
+            ]
+            return _Stack(names, tensors, _bottleneck_apply(_ACTIVATIONS[first.activation], first.reads == "input"))
+        module = self.base.get_submodule(site)
+        base_bias = getattr(module, "bias", None)
+        if not isinstance(module, (nn.Linear, nn.LayerNorm, nn.Conv2d)) or base_bias is None:
+            raise ConfigError(f"cannot serve a bias of {site} ({type(module).__name__}): not a Linear, LayerNorm or Conv2d")
+        channels_first = isinstance(module, nn.Conv2d) or type(module).__name__.endswith("2d")
+        delta = _stack([to(p.value) - base_bias.detach() for p in parts], tuple(base_bias.shape), ref)
+        return _Stack(names, [delta], _bias_apply(channels_first))
+
+    def _head_stack(self, path: str) -> _Stack:
+        rows = [(n, a.head[path]) for n, a in self._adapters.items() if path in a.head]
+        width = max([w.shape[0] for _, (w, _) in rows], default=1)
+        ref = self._ref
+        weights = _stack([w.to(ref).t() for _, (w, _) in rows], (rows[0][1][0].shape[1] if rows else 1, width), ref)
+        biases = _stack([(b if b is not None else w.new_zeros(w.shape[0])).to(ref) for _, (w, b) in rows], (width,), ref)
+        return _Stack([n for n, _ in rows], [weights, biases], None)
+
+    # ------------------------------------------------------------------------- hooks
+
+    def _install(self) -> None:
+        for site, stacks in self._sites.items():
+            self._handles.append(self.base.get_submodule(site).register_forward_hook(self._site_hook(stacks)))
+        for path, stack in self._heads.items():
+            self._handles.append(self.base.get_submodule(path).register_forward_hook(self._head_hook(stack)))
+
+    def _uninstall(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _slots_for(self, stack: _Stack) -> torch.Tensor | None:
+        """Each sample's slot in `stack` for the running pass (None: no sample uses it, skip it)."""
+        key = id(stack)
+        if key not in self._slots:
+            slots = [stack.slot.get(n, 0) for n in self._names]
+            self._slots[key] = torch.tensor(slots, device=self._ref.device) if any(slots) else None
+        return self._slots[key]
+
+    def _site_hook(self, stacks: list[_Stack]) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if self._names is None:
+                return None
+            for stack in stacks:
+                slots = self._slots_for(stack)
+                if slots is not None:
+                    output = stack.apply(stack, slots, args[0], output)
+            return output
+
+        return hook
+
+    def _head_hook(self, stack: _Stack) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if self._names is None:
+                return None
+            slots = self._slots_for(stack)
+            if slots is None:  # only the base's own head
+                return None
+            x = args[0]  # (b, D)
+            weights, biases = stack.tensors  # (S, D, C), (S, C)
+            logits = torch.baddbmm(biases[slots].unsqueeze(1), x.unsqueeze(1), weights[slots]).squeeze(1)  # (b, C)
+            base_rows = slots == 0
+            if bool(base_rows.any()):
+                width = max(logits.shape[1], output.shape[1])
+                logits = F.pad(logits, (0, width - logits.shape[1]))
+                logits[base_rows] = F.pad(output[base_rows], (0, width - output.shape[1]))
+            return logits
+
+        return hook
+
+    # ------------------------------------------------------------------------- forward
+
+    def num_classes(self, name: str) -> int:
+        return int(getattr(self.base, "num_classes", 0)) if name == BASE else self.info(name).num_classes
+
+    def _check(self, x: torch.Tensor, names: list[str]) -> None:
+        from .data import input_size
+
+        if x.dim() != 4 or tuple(x.shape[1:]) != tuple(input_size(self.base)):
+            raise ConfigError(f"images must be (B, {', '.join(map(str, input_size(self.base)))}), got {tuple(x.shape)}")
+        if len(names) != x.shape[0]:
+            raise ConfigError(f"{len(names)} adapter names for a batch of {x.shape[0]} images")
+        for n in names:
+            if n == BASE:
+                if not isinstance(self.base.get_submodule(self.backbone.head_names[0]), nn.Linear):
+                    raise ConfigError(f"the base {self.base_name} has no classifier head to predict with")
+            else:
+                self.info(n)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, adapters: str | Iterable[str] | None = None) -> torch.Tensor:
+        """(B, C) logits, sample i through adapter `adapters[i]` (a single name: every sample;
+        None or "base": the plain model). C is the widest head in the batch; narrower ones pad with -inf."""
+        names = [adapters or BASE] * x.shape[0] if adapters is None or isinstance(adapters, str) else list(adapters)
+        with self._lock:
+            self._check(x, names)
+            groups: dict[tuple, list[int]] = {}
+            for i, n in enumerate(names):
+                route = ("shared",) if n == BASE else self._adapters[n].route
+                groups.setdefault(route + ((n,) if route == ("own",) else ()), []).append(i)
+            widths = torch.tensor([self.num_classes(n) for n in names], device=x.device)
+            out = x.new_full((x.shape[0], int(widths.max())), float("-inf"))
+            for route, rows in groups.items():
+                sub = [names[i] for i in rows]
+                logits = self._run(route, x if len(rows) == len(names) else x[rows], sub)
+                logits = logits[:, : out.shape[1]]  # stacked heads are as wide as the widest loaded one
+                width = logits.shape[1]
+                keep = torch.arange(width, device=x.device) < widths[rows].unsqueeze(1)  # (b, width)
+                out[rows, :width] = torch.where(keep, logits.to(out.dtype), out.new_tensor(float("-inf")))
+            return out
+
+    def _run(self, route: tuple, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        if route[0] == "own":
+            return self._own[route[1]](x)
+        self._names, self._slots = names, {}
+        detach = None
+        try:
+            if route[0] == "prompts":
+                module, members = self._prompts[route[1]]
+                module.rows = torch.tensor([members[n] for n in names], device=x.device)
+                detach = module.attach(self.base, self.backbone)
+            return self.base(x)
+        finally:
+            self._names, self._slots = None, {}
+            if detach is not None:
+                detach()
+                module.rows = None
+
+    # ------------------------------------------------------------------------- images
+
+    def transform(self, name: str) -> Callable[[Any], torch.Tensor]:
+        """The eval preprocessing `name` was trained with (PIL image -> (C, H, W))."""
+        from .data import make_transform
+
+        resize = "crop" if name == BASE else self.info(name).resize
+        cache = self.__dict__.setdefault("_transforms", {})
+        if resize not in cache:
+            cache[resize] = make_transform(self.base, train=False, resize=resize)
+        return cache[resize]
+
+    def classes(self, name: str) -> list[str]:
+        return [str(i) for i in range(self.num_classes(name))] if name == BASE else self.info(name).classes
+
+    def predict(self, images: list[Any], adapters: list[str], top_k: int = 5) -> list[list[dict[str, Any]]]:
+        """Top-k {label, index, score} per PIL image, each through its adapter, in one batched pass."""
+        for n in adapters:
+            if n not in self:
+                self.info(n)
+        x = torch.stack([self.transform(n)(img) for img, n in zip(images, adapters)]).to(self._ref.device, self._ref.dtype)
+        probs = self(x, adapters).float().softmax(-1)
+        results = []
+        for row, name in zip(probs, adapters):
+            top = row.topk(min(top_k, self.num_classes(name)))
+            names = self.classes(name)
+            results.append([
+                {"label": names[int(i)], "index": int(i), "score": float(p)} for p, i in zip(top.values, top.indices)
+            ])
+        return results
