@@ -7,8 +7,7 @@ JSON `{"error": "..."}`: unknown adapter 404, undecodable or missing image 400, 
 limit 413, adapter for another base (or a name already taken) 409, malformed body 422.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: FastAPI reads the handlers' annotations (`Request`) at runtime
 import asyncio
 import base64
 import binascii
