@@ -34,7 +34,7 @@ from .errors import AdapterExistsError, AdapterFileError, BaseMismatchError, Con
 from .export import WEIGHTS_NAME, load_adapter, read_adapter_config
 from .freeze import get_state, param_report, unwrap
 from .methods import get_method
-from .methods._parts import Bias, Bottleneck, LowRank, OwnModel, Part, Prompts
+from .methods._parts import Affine, Bias, Bottleneck, LowRank, OwnModel, Part, Prompts
 
 BASE = "base"  # the name that selects the plain backbone and its own head
 # activations a bottleneck may use here: each maps 0 to 0, so zero-padded widths stay exact
@@ -143,6 +143,19 @@ def _bias_apply(channels_first: bool) -> Callable:
     return apply
 
 
+def _affine_apply(channels_first: bool) -> Callable:
+    def apply(stack: _Stack, slots: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        d_scale, shift = stack.tensors  # (S, C) each: scale - 1 (zero in slot 0: the identity), shift
+        b, c = slots.numel(), shift.shape[1]
+        if channels_first:  # (b, C, H, W)
+            view, s, t = out.reshape(b, c, -1), d_scale[slots].unsqueeze(-1), shift[slots].unsqueeze(-1)
+        else:
+            view, s, t = out.reshape(b, -1, c), d_scale[slots].unsqueeze(1), shift[slots].unsqueeze(1)
+        return torch.addcmul(view + t, view, s).view(out.shape)  # out * (1 + ds) + shift
+
+    return apply
+
+
 # ----------------------------------------------------------------------------- the model
 
 class MultiAdapterModel(nn.Module):
@@ -202,6 +215,14 @@ class MultiAdapterModel(nn.Module):
         return cls(base, adapters, ignore_fingerprint=ignore_fingerprint)
 
     # ------------------------------------------------------------------------- adapters
+
+    @property
+    def device(self) -> torch.device:
+        return self._ref.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._ref.dtype
 
     @property
     def adapters(self) -> list[AdapterInfo]:
@@ -307,8 +328,9 @@ class MultiAdapterModel(nn.Module):
             for part in adapter.parts:
                 if isinstance(part, Prompts):
                     prompt_groups.setdefault(part.group, []).append((name, part))
-                elif isinstance(part, (LowRank, Bottleneck, Bias)):
-                    key = (part.site, type(part).__name__, getattr(part, "activation", ""), getattr(part, "reads", ""))
+                elif isinstance(part, (LowRank, Bottleneck, Bias, Affine)):
+                    key = (part.site, type(part).__name__, getattr(part, "activation", ""), getattr(part, "reads", ""),
+                           getattr(part, "channels_first", False))
                     by_key.setdefault(key, []).append((name, part))
         self._sites = {}
         for (site, *_), members in by_key.items():
@@ -343,6 +365,10 @@ class MultiAdapterModel(nn.Module):
                 _stack([to(p.up_bias) for p in parts], (d_out,), ref),
             ]
             return _Stack(names, tensors, _bottleneck_apply(_ACTIVATIONS[first.activation], first.reads == "input"))
+        if isinstance(first, Affine):
+            c = first.scale.shape[0]
+            tensors = [_stack([to(p.scale) - 1 for p in parts], (c,), ref), _stack([to(p.shift) for p in parts], (c,), ref)]
+            return _Stack(names, tensors, _affine_apply(first.channels_first))
         module = self.base.get_submodule(site)
         base_bias = getattr(module, "bias", None)
         if not isinstance(module, (nn.Linear, nn.LayerNorm, nn.Conv2d)) or base_bias is None:
@@ -489,13 +515,16 @@ class MultiAdapterModel(nn.Module):
         for n in adapters:
             if n not in self:
                 self.info(n)
-        x = torch.stack([self.transform(n)(img) for img, n in zip(images, adapters)]).to(self._ref.device, self._ref.dtype)
-        probs = self(x, adapters).float().softmax(-1)
+        x = torch.stack([self.transform(n)(img) for img, n in zip(images, adapters)])
+        return self.top_k(x, adapters, top_k)
+
+    def top_k(self, x: torch.Tensor, adapters: list[str], k: int | list[int] = 5) -> list[list[dict[str, Any]]]:
+        """Top-k {label, index, score} (softmax probabilities, descending) per preprocessed image."""
+        probs = self(x.to(self.device, self.dtype), adapters).float().softmax(-1)
+        ks = [k] * len(adapters) if isinstance(k, int) else k
         results = []
-        for row, name in zip(probs, adapters):
-            top = row.topk(min(top_k, self.num_classes(name)))
-            names = self.classes(name)
-            results.append([
-                {"label": names[int(i)], "index": int(i), "score": float(p)} for p, i in zip(top.values, top.indices)
-            ])
+        for row, name, kk in zip(probs, adapters, ks):
+            top = row.topk(min(kk, self.num_classes(name)))
+            labels = self.classes(name)
+            results.append([{"label": labels[int(i)], "index": int(i), "score": float(p)} for p, i in zip(top.values, top.indices)])
         return results

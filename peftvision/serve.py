@@ -126,15 +126,7 @@ class Batcher:
     def _predict(self, batch: list[_Request]) -> list[list[dict[str, Any]]]:
         import torch
 
-        model = self.model
-        x = torch.stack([r.x for r in batch]).to(model._ref.device, model._ref.dtype)
-        probs = model(x, [r.adapter for r in batch]).float().softmax(-1)
-        out = []
-        for row, r in zip(probs, batch):
-            top = row.topk(min(r.top_k, model.num_classes(r.adapter)))
-            names = model.classes(r.adapter)
-            out.append([{"label": names[int(i)], "index": int(i), "score": float(p)} for p, i in zip(top.values, top.indices)])
-        return out
+        return self.model.top_k(torch.stack([r.x for r in batch]), [r.adapter for r in batch], [r.top_k for r in batch])
 
 
 def create_app(model: MultiAdapterModel, max_batch: int = 32, max_wait_ms: float = 5.0, max_image_mb: float = 20.0) -> Any:

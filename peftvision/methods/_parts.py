@@ -47,6 +47,16 @@ class Bias:
     value: torch.Tensor
 
 
+@dataclass
+class Affine:
+    """The module at `site` gets `out = out * scale + shift` per channel (last dim, or dim 1)."""
+
+    site: str
+    scale: torch.Tensor  # (C,)
+    shift: torch.Tensor  # (C,)
+    channels_first: bool = False
+
+
 class RoutedPrompts(Protocol):
     """A prompt module that can serve many adapters' prompts at once, one row per sample.
 
@@ -77,4 +87,4 @@ class OwnModel:
     model: nn.Module
 
 
-Part = LowRank | Bottleneck | Bias | Prompts | OwnModel
+Part = LowRank | Bottleneck | Bias | Affine | Prompts | OwnModel
