@@ -138,11 +138,12 @@ def test_methods_that_cannot_merge_say_so(base_checkpoint, method):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("targets", [("q", "v"), ("k",), ("q", "k", "v", "proj", "fc2"), ("qkv",)])
-def test_peft_export_loads_in_peft_with_identical_outputs(tmp_path, base_checkpoint, family, targets):
+@pytest.mark.parametrize("method", [m for m in EXPORTABLE if "targets" in get_method(m).config_cls.__dataclass_fields__])
+def test_peft_export_loads_in_peft_with_identical_outputs(tmp_path, base_checkpoint, family, targets, method):
     from peft import PeftModel
 
     ckpt = base_checkpoint(family)
-    model = trained(family, "lora", ckpt, targets=targets, r=4, alpha=8)
+    model = trained(family, method, ckpt, targets=targets, r=4, alpha=8)
     x = make_input(family)
     y = model(x)
     pv.export_peft(model, tmp_path)

@@ -161,6 +161,7 @@ class LoRA(Method):
     name = "lora"
     config_cls = LoRAConfig
     default_lr = 3e-3  # B starts at 0 and alpha / r = 1: the update grows only as fast as lr lets it (benchmarks/default-lr.md)
+    layer_cls: type[LoRALinear] = LoRALinear  # the wrapper inject puts on each targeted layer (DoRA's subclasses it)
     examples = (
         dict(r=4, targets=("q", "k", "v", "proj", "fc1", "fc2")),
         dict(r=2, targets=("k",)),
@@ -179,7 +180,7 @@ class LoRA(Method):
     def inject(self, model: nn.Module, backbone: Backbone, config: LoRAConfig) -> None:
         for block, child, slices, num_slices in _lora_sites(backbone, config):
             base = backbone.linear(model, block, child)
-            wrapped = LoRALinear(base, slices, num_slices, int(config.r), config.alpha, config.dropout)
+            wrapped = self.layer_cls(base, slices, num_slices, int(config.r), config.alpha, config.dropout)
             model.set_submodule(f"{block.name}.{child}", wrapped)
 
     def mergeable(self, config: LoRAConfig) -> str | None:
