@@ -411,7 +411,7 @@ def top_classes(logits: torch.Tensor, names: Sequence[str] | None, k: int = 3) -
     """"name 81%, name 7%, ..." for one image's (K,) logits; class indices without names."""
     probs = logits.float().softmax(-1)
     top = probs.topk(min(k, probs.numel()))
-    label = lambda i: names[i] if names else str(i)  # noqa: E731
+    label = lambda i: names[i] if names else f"#{i}"  # noqa: E731
     return ", ".join(f"{label(int(i))} {float(p):.0%}" for p, i in zip(top.values, top.indices))
 
 
@@ -454,11 +454,13 @@ def figure(
     if base is not None:
         overlay(axes[2], base, f"base: top-1 {top_classes(base.logits[0], class_names, 1)}")
         share = lambda e: e.heatmap[0].float() / e.heatmap[0].float().sum()  # noqa: E731  (same scale)
-        diff = (share(explanation) - share(base)).cpu().numpy()
-        lim = float(abs(diff).max()) or 1.0
-        axes[3].imshow(picture, alpha=0.35)
-        axes[3].imshow(diff, cmap="bwr", vmin=-lim, vmax=lim, alpha=0.75, extent=(0, w, h, 0), interpolation="bilinear")
-        axes[3].set_title("adapted - base (red: more)", fontsize=8)
+        diff = share(explanation) - share(base)
+        moved = 0.5 * float(diff.abs().sum())  # the share of the map that moved: 0 same, 1 disjoint
+        lim = float(diff.abs().max()) or 1.0
+        axes[3].imshow(picture.mean(axis=-1), cmap="gray", vmin=0, vmax=1)
+        axes[3].imshow(diff.cpu().numpy(), cmap="bwr", vmin=-lim, vmax=lim, alpha=0.6, extent=(0, w, h, 0),
+                       interpolation="bilinear")
+        axes[3].set_title(f"adapted - base: {moved:.0%} moved (red: more)", fontsize=8)
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
