@@ -124,12 +124,22 @@ def _vit_attentions(model: nn.Module, backbone: Backbone) -> list[nn.Module]:
 def token_layout(model: nn.Module, x: torch.Tensor) -> TokenLayout:
     """The token layout of a ViT-family model on input `x` (B, C, H, W)."""
     model = unwrap(model)
-    backbone = describe(model)
+    return _layout(model, describe(model), x)
+
+
+def _layout(model: nn.Module, backbone: Backbone, x: torch.Tensor) -> TokenLayout:
     prompts, fresh = _prompts(model)
     grid = (x.shape[-2] // backbone.patch_size[0], x.shape[-1] // backbone.patch_size[1])
     pool = getattr(model, "global_pool", "token" if backbone.num_prefix_tokens else "avg")
     readout = "token" if pool == "token" and backbone.num_prefix_tokens else "patches"
     return TokenLayout(backbone.num_prefix_tokens, prompts, fresh, grid, readout)
+
+
+def _check_options(head_fusion: str, discard_ratio: float) -> None:
+    if head_fusion not in HEAD_FUSIONS:
+        raise ConfigError(f"head_fusion must be one of {', '.join(HEAD_FUSIONS)}, got {head_fusion!r}")
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ConfigError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
 
 
 def _block_index(block: int | None, count: int) -> int:
@@ -155,10 +165,10 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------- ViT attention
 
-def _capture(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One forward pass with unfused attention: (logits, per block (B, heads, N, N) probabilities)."""
-    model = unwrap(model)  # compiled / DDP models run their eager module: flags change no graph
-    attentions = _vit_attentions(model, describe(model))
+def _capture(model: nn.Module, backbone: Backbone, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One forward pass of the unwrapped `model` with unfused attention: (logits, per block (B, heads,
+    N, N) probabilities)."""
+    attentions = _vit_attentions(model, backbone)
     maps: list[torch.Tensor | None] = [None] * len(attentions)
 
     def keep(i: int) -> Any:
@@ -194,7 +204,8 @@ def attention_maps(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     N counts every token: prefix, prompts (if any), patches (see `token_layout`). The model is left
     exactly as it was (fused attention flags, hooks, train/eval mode).
     """
-    return _capture(model, x)[1]
+    model = unwrap(model)  # compiled / DDP models run their eager module: flags change no graph
+    return _capture(model, describe(model), x)[1]
 
 
 def _fuse(a: torch.Tensor, head_fusion: str) -> torch.Tensor:
@@ -203,9 +214,7 @@ def _fuse(a: torch.Tensor, head_fusion: str) -> torch.Tensor:
         return a.mean(dim=1)
     if head_fusion == "max":
         return a.amax(dim=1)
-    if head_fusion == "min":
-        return a.amin(dim=1)
-    raise ConfigError(f"head_fusion must be one of {', '.join(HEAD_FUSIONS)}, got {head_fusion!r}")
+    return a.amin(dim=1)
 
 
 def _discard(a: torch.Tensor, ratio: float, prefix: int) -> torch.Tensor:
@@ -243,8 +252,7 @@ def rollout(
     maps: Sequence[torch.Tensor], layout: TokenLayout, head_fusion: str = "mean", discard_ratio: float = 0.0
 ) -> torch.Tensor:
     """Attention rollout of `attention_maps` output: (B, h, w) over the patch grid, summing to 1."""
-    if not 0.0 <= discard_ratio < 1.0:
-        raise ConfigError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+    _check_options(head_fusion, discard_ratio)
     _check_layout(maps, layout)
     b, _, n, _ = maps[0].shape
     eye = torch.eye(n, dtype=maps[0].dtype, device=maps[0].device)
@@ -263,6 +271,7 @@ def block_attention(
     maps: Sequence[torch.Tensor], layout: TokenLayout, block: int, head_fusion: str = "mean"
 ) -> torch.Tensor:
     """One block's raw attention from the read-out row(s) to the patches: (B, h, w), summing to 1."""
+    _check_options(head_fusion, 0.0)
     _check_layout(maps, layout)
     return _to_grid(layout.read(_fuse(maps[block], head_fusion)), layout)
 
@@ -369,12 +378,9 @@ def explain(
     if mode == "gradcam":
         heatmap, logits = grad_cam(inner, x, index)
         return Explanation(mode, heatmap, logits, index)
-    if head_fusion not in HEAD_FUSIONS:  # bad options fail before the forward pass
-        raise ConfigError(f"head_fusion must be one of {', '.join(HEAD_FUSIONS)}, got {head_fusion!r}")
-    if not 0.0 <= discard_ratio < 1.0:
-        raise ConfigError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
-    logits, maps = _capture(inner, x)
-    layout = token_layout(inner, x)
+    _check_options(head_fusion, discard_ratio)  # before the forward pass
+    logits, maps = _capture(inner, backbone, x)
+    layout = _layout(inner, backbone, x)
     if mode == "rollout":
         heatmap = rollout(maps[: index + 1], layout, head_fusion, discard_ratio)
     else:
