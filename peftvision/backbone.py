@@ -269,15 +269,13 @@ def load_model(name: str, checkpoint: str | None = None, num_classes: int | None
     if checkpoint is None or not str(checkpoint).endswith(".safetensors"):
         return create_model(name, pretrained=True, checkpoint=checkpoint, num_classes=num_classes, **kwargs)
     from safetensors import safe_open
-    from safetensors.torch import load_file
+
+    from .files import load_tensors
 
     _check_weights_file(checkpoint)
-    try:
-        with safe_open(str(checkpoint), "pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(str(checkpoint))
-    except Exception as e:  # safetensors raises its own error types for every kind of damage
-        raise PeftVisionError(f"{checkpoint} is truncated or not a safetensors file ({_first_line(e)})") from None
+    tensors = load_tensors(checkpoint)  # a damaged file: one line
+    with safe_open(str(checkpoint), "pt") as f:
+        metadata = f.metadata() or {}
     model = create_model(name, **kwargs)
     heads = [tensors[f"{h}.weight"] for h in describe(model).head_names if f"{h}.weight" in tensors]
     size = int(heads[0].shape[0]) if heads else num_classes

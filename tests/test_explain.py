@@ -297,6 +297,8 @@ def saved(tmp_path, base_checkpoint):
         ("swin-rollout", "use --mode gradcam"),
         ("both-sources", "give exactly one of --adapter DIR and --model NAME"),
         ("base-without-adapter", "--compare-base compares an adapter with its base"),
+        ("damaged-checkpoint", "is truncated or not a safetensors file"),
+        ("other-architecture", "is not a complete 'test_vit' checkpoint"),  # a 64-px model's weights
     ],
 )
 def test_cli_bad_input_gives_one_line(tmp_path, saved, capsys, case, message):
@@ -311,7 +313,10 @@ def test_cli_bad_input_gives_one_line(tmp_path, saved, capsys, case, message):
         "swin-rollout": ["--adapter", saved("swin")[0], "--checkpoint", saved("swin")[1], photo, "--mode", "rollout"],
         "both-sources": ["--adapter", vit, "--model", "test_vit", photo],
         "base-without-adapter": ["--model", "test_vit", "--checkpoint", ckpt, photo, "--compare-base"],
+        "damaged-checkpoint": ["--model", "test_vit", "--checkpoint", str(text.with_suffix(".safetensors")), photo],
+        "other-architecture": ["--model", "test_vit", "--checkpoint", ckpt, photo],
     }[case]
+    text.with_suffix(".safetensors").write_bytes(b"\x00" * 64)
     assert main(["explain", *argv, "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
