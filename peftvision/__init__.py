@@ -27,10 +27,14 @@ _API = {
     "MultiAdapterModel": "peftvision.multi",
     "create_app": "peftvision.serve",
     "create_model": "peftvision.backbone",
+    "load_model": "peftvision.backbone",
     "describe": "peftvision.backbone",
     "list_methods": "peftvision.methods",
     "get_method": "peftvision.methods",
     "register_method": "peftvision.methods",
+    "attention_maps": "peftvision.explain",
+    "attention_rollout": "peftvision.explain",
+    "grad_cam": "peftvision.explain",
     "PeftVisionError": "peftvision.errors",
 }
 

@@ -256,6 +256,47 @@ def create_model(
     return model
 
 
+def load_model(name: str, checkpoint: str | None = None, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
+    """A timm model with every weight, the head included, from a complete checkpoint (a merged adapter,
+    a fine-tuned model); without one, `create_model(name, pretrained=True)`.
+
+    `create_model` drops a checkpoint's head unless its size is the registered one (a new head is what
+    fine-tuning wants); a model to use as it is needs its own head, so here the head's size is read
+    from a safetensors file and every tensor is loaded strictly. Other file types go through timm's
+    loader, with `num_classes` as given. The preprocessing `save_merged` records in the file's
+    metadata becomes the model's `pretrained_cfg` (squashed images for a model trained on them).
+    """
+    if checkpoint is None or not str(checkpoint).endswith(".safetensors"):
+        return create_model(name, pretrained=True, checkpoint=checkpoint, num_classes=num_classes, **kwargs)
+    from safetensors import safe_open
+
+    from .files import load_tensors
+
+    _check_weights_file(checkpoint)
+    tensors = load_tensors(checkpoint)  # a damaged file: one line
+    with safe_open(str(checkpoint), "pt") as f:
+        metadata = f.metadata() or {}
+    model = create_model(name, **kwargs)
+    heads = [tensors[f"{h}.weight"] for h in describe(model).head_names if f"{h}.weight" in tensors]
+    size = int(heads[0].shape[0]) if heads else num_classes
+    if num_classes is not None and size != num_classes:
+        raise ConfigError(f"{checkpoint} has a {size}-class head, not {num_classes}: leave out --num-classes")
+    if size is not None and size != model.num_classes:
+        model.reset_classifier(size)
+    own = model.state_dict()
+    wrong = sorted(set(own) ^ set(tensors)) + [k for k in own if k in tensors and own[k].shape != tensors[k].shape]
+    if wrong:
+        raise PeftVisionError(
+            f"{checkpoint} is not a complete {name!r} checkpoint: {len(wrong)} tensors missing, extra or of "
+            f"another shape ({', '.join(wrong[:3])}); give the architecture it was saved from"
+        )
+    model.load_state_dict(tensors)
+    prep = json.loads(metadata.get("peftvision.preprocessing", "{}"))
+    overrides = {k: prep[k] for k in ("crop_pct", "crop_mode") if k in prep}
+    model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **overrides}
+    return model
+
+
 def _check_weights_file(path: str) -> None:
     import os
 

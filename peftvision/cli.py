@@ -123,6 +123,52 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(f"{path}: " + ", ".join(f"{label(int(i))} {float(p):.3f}" for p, i in zip(top.values, top.indices)))
 
 
+def cmd_explain(args: argparse.Namespace) -> None:
+    """Heat maps of where a model looks, one PNG per image; with --compare-base, the base's beside it."""
+    from pathlib import Path
+
+    from .backbone import load_model
+    from .data import make_transform, open_image
+    from .errors import ConfigError
+    from .explain import base_of, display_image, explain, figure, top_classes
+    from .export import load_adapter
+    from .files import save_png
+    from .freeze import get_state
+
+    if (args.adapter is None) == (args.model is None):
+        raise ConfigError("give exactly one of --adapter DIR and --model NAME")
+    if args.compare_base and args.adapter is None:
+        raise ConfigError("--compare-base compares an adapter with its base: give --adapter DIR")
+    images = [(Path(p), open_image(p)) for p in args.images]  # a bad file fails before any model loads
+    if args.adapter:
+        model = load_adapter(args.adapter, checkpoint=args.checkpoint, ignore_fingerprint=args.ignore_fingerprint)
+    else:
+        model = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes)
+    model.eval()
+    base = base_of(model, args.checkpoint) if args.compare_base else None
+    state = get_state(model)
+    names = state.class_names if state else None
+    transform = make_transform(model, train=False, resize=state.resize if state else "crop")
+    options = dict(mode=args.mode, block=args.block, head_fusion=args.head_fusion, discard_ratio=args.discard_ratio)
+    used: set[str] = set()
+    for path, image in images:
+        x = transform(image).unsqueeze(0)  # (1, 3, H, W)
+        e = explain(model, x, **options)
+        e_base = explain(base, x, **options) if base is not None else None
+        fig = figure(display_image(x[0], model), e, e_base, names, title=path.name)
+        stem, n = path.stem, 1
+        while stem in used:  # two photos named alike in different folders
+            stem, n = f"{path.stem}-{n}", n + 1
+        used.add(stem)
+        out = Path(args.output) / f"{stem}.png"
+        save_png(out, fig)
+        import matplotlib.pyplot as plt  # after `figure` chose the Agg backend
+
+        plt.close(fig)
+        prompts = f", prompts get {sum(e.prompt_share) / len(e.prompt_share):.0%}" if e.prompt_share else ""
+        print(f"wrote {out}: {e.mode} block {e.block}, top-1 {top_classes(e.logits[0], names, 1)}{prompts}")
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     """Every method on every task, same protocol; rerunning resumes."""
     from .compare import CompareConfig, compare
@@ -216,6 +262,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--top-k", type=int, default=5)
     p.set_defaults(func=cmd_predict)
+
+    # no defaults formatter: most defaults here are "decided from the model", which it would print as None
+    p = sub.add_parser("explain", help="heat maps of where a model looks (attention, rollout, Grad-CAM)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--adapter", help="adapter directory (adapter_config.json + adapter.safetensors)")
+    p.add_argument("--model", help="a plain timm model instead of an adapter (e.g. with a merged --checkpoint)")
+    p.add_argument("--checkpoint", help="local weights: the adapter's base, or --model's complete weights")
+    p.add_argument("--num-classes", type=int, help="--model's head size (default: the checkpoint's)")
+    p.add_argument("--ignore-fingerprint", action="store_true", help="accept base weights other than the adapter's")
+    p.add_argument("--output", default="explanations",
+                   help="directory for the PNGs, <image name>.png (default: explanations)")
+    p.add_argument("--mode", choices=["rollout", "attention", "gradcam"],
+                   help="rollout / attention: ViT family; gradcam: any (default: rollout for ViT, gradcam for Swin)")
+    p.add_argument("--block", type=int, help="attention / gradcam: that block; rollout: up to it (default: last)")
+    p.add_argument("--head-fusion", choices=["mean", "max", "min"], default="mean",
+                   help="how rollout and attention combine heads (default: mean)")
+    p.add_argument("--discard-ratio", type=float, default=0.0,
+                   help="rollout: fraction of the lowest attention entries zeroed per block (default: 0)")
+    p.add_argument("--compare-base", action="store_true", help="also the base model's map and the difference")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("info", help="parameter breakdown and adapter size per method", formatter_class=fmt)
     p.add_argument("--model", required=True, help="any timm model name")
