@@ -179,29 +179,27 @@ def make_engine(kind: str, base: Any, dirs: dict[str, str]) -> Any:
 # ----------------------------------------------------------------------------- library level
 
 def library(base: Any, dirs: dict[str, str], engines: list[str], batch: int, rounds: int) -> list[dict[str, Any]]:
+    """img/s per engine on the same batch; rounds interleave the engines (A B C A B C ...) so that
+    drift in the machine's speed hits all of them alike; the first round warms up."""
     from peftvision.data import input_size
 
     x = torch.randn(batch, *input_size(base), generator=torch.Generator().manual_seed(0))
     names = random.Random(0).choices(list(dirs), k=batch)
-    rows, reference = [], None
-    for kind in engines:
-        engine = make_engine(kind, base, dirs)
-        out = engine(x, names)[:, :4]
-        if kind in ("multi", "merged", "peft"):
-            reference = out if reference is None else reference
-            err = float((out - reference).abs().max())
-        else:
-            err = None
-        times = []
-        for _ in range(rounds + 1):
+    built = {kind: make_engine(kind, base, dirs) for kind in engines}
+    reference = built["merged"](x, names)[:, :4] if "merged" in built else None
+    times: dict[str, list[float]] = {kind: [] for kind in engines}
+    for _ in range(rounds + 1):
+        for kind, engine in built.items():
             t = time.perf_counter()
             engine(x, names)
-            times.append(time.perf_counter() - t)
-        median = statistics.median(times[1:])  # the first round warms up
+            times[kind].append(time.perf_counter() - t)
+    rows = []
+    for kind, engine in built.items():
+        median = statistics.median(times[kind][1:])
+        err = float((engine(x, names)[:, :4] - reference).abs().max()) if reference is not None and kind != "single" else None
         rows.append(dict(engine=kind, adapters=len(dirs), batch=batch, img_per_s=batch / median,
-                         seconds_per_batch=median, max_abs_diff_vs_first=err))
+                         seconds_per_batch=median, max_abs_diff_vs_merged=err))
         print(f"  library {kind:>7} N={len(dirs):>2}: {batch / median:7.1f} img/s", flush=True)
-        del engine
     return rows
 
 

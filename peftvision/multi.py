@@ -106,6 +106,32 @@ def _stack(rows: list[torch.Tensor], shape: tuple[int, ...], ref: torch.Tensor) 
     return out
 
 
+@dataclass
+class _Head:
+    weight: torch.Tensor  # (C, D)
+    bias: torch.Tensor | None  # (C,)
+
+    def __post_init__(self) -> None:
+        if self.bias is None:
+            self.bias = self.weight.new_zeros(self.weight.shape[0])
+
+
+def _stack_into(parts: list[Any], attr: str, shape: tuple[int, ...], ref: torch.Tensor,
+                transpose: bool = False, slot0: Any = None) -> torch.Tensor:
+    """Stack `attr` of every part (transposed if asked; slot 0 = `slot0`, else zeros), then point each
+    part's `attr` at its row of the stack: every adapter tensor is held once, by the stack, and the
+    next rebuild (after an add or a remove) stacks the views."""
+    rows = [getattr(p, attr).to(ref.device, ref.dtype) for p in parts]
+    rows = [r.t() if transpose else r for r in rows]
+    out = _stack(rows, shape, ref)
+    if slot0 is not None:
+        out[0] = slot0
+    for i, (p, r) in enumerate(zip(parts, rows)):
+        view = out[(i + 1, *(slice(0, s) for s in r.shape))]
+        setattr(p, attr, view.t() if transpose else view)
+    return out
+
+
 # ----------------------------------------------------------------------------- batched parts
 # Inputs and outputs are (b * k, ..., C) with the k rows of one sample contiguous: (B, N, C) tokens,
 # (B * windows, N, C) for Swin's window attention, (B, C) pooled. Viewing them as (b, -1, C) gives
@@ -134,8 +160,8 @@ def _bottleneck_apply(activation: Callable, reads_input: bool) -> Callable:
 
 def _bias_apply(channels_first: bool) -> Callable:
     def apply(stack: _Stack, slots: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        (delta,) = stack.tensors  # (S, C): the adapter's bias minus the base's
-        b, d = slots.numel(), delta[slots]
+        values, base = stack.tensors  # (S, C) each adapter's bias (slot 0: the base's), (C,) the base's
+        b, d = slots.numel(), values[slots] - base
         if channels_first:  # (b, C, H, W)
             return (out.reshape(b, d.shape[1], -1) + d.unsqueeze(-1)).view(out.shape)
         return (out.reshape(b, -1, d.shape[1]) + d.unsqueeze(1)).view(out.shape)
@@ -145,13 +171,13 @@ def _bias_apply(channels_first: bool) -> Callable:
 
 def _affine_apply(channels_first: bool) -> Callable:
     def apply(stack: _Stack, slots: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        d_scale, shift = stack.tensors  # (S, C) each: scale - 1 (zero in slot 0: the identity), shift
+        scale, shift = stack.tensors  # (S, C) each; slot 0 is the identity (1, 0)
         b, c = slots.numel(), shift.shape[1]
         if channels_first:  # (b, C, H, W)
-            view, s, t = out.reshape(b, c, -1), d_scale[slots].unsqueeze(-1), shift[slots].unsqueeze(-1)
+            view, s, t = out.reshape(b, c, -1), scale[slots].unsqueeze(-1), shift[slots].unsqueeze(-1)
         else:
-            view, s, t = out.reshape(b, -1, c), d_scale[slots].unsqueeze(1), shift[slots].unsqueeze(1)
-        return torch.addcmul(view + t, view, s).view(out.shape)  # out * (1 + ds) + shift
+            view, s, t = out.reshape(b, -1, c), scale[slots].unsqueeze(1), shift[slots].unsqueeze(1)
+        return torch.addcmul(t, view, s).view(out.shape)
 
     return apply
 
@@ -346,12 +372,11 @@ class MultiAdapterModel(nn.Module):
         names = [n for n, _ in members]
         parts = [p for _, p in members]
         ref = self._ref
-        to = lambda t: t.to(ref.device, ref.dtype)  # noqa: E731
         first = parts[0]
         if isinstance(first, LowRank):
             r = max(p.a.shape[0] for p in parts)
-            a_t = _stack([to(p.a).t() for p in parts], (first.a.shape[1], r), ref)
-            b_t = _stack([to(p.b).t() for p in parts], (r, first.b.shape[0]), ref)
+            a_t = _stack_into(parts, "a", (first.a.shape[1], r), ref, transpose=True)
+            b_t = _stack_into(parts, "b", (r, first.b.shape[0]), ref, transpose=True)
             return _Stack(names, [a_t, b_t], _apply_low_rank)
         if isinstance(first, Bottleneck):
             if first.activation not in _ACTIVATIONS:
@@ -359,31 +384,34 @@ class MultiAdapterModel(nn.Module):
             m = max(p.down_weight.shape[0] for p in parts)
             d, d_out = first.down_weight.shape[1], first.up_weight.shape[0]
             tensors = [
-                _stack([to(p.down_weight).t() for p in parts], (d, m), ref),
-                _stack([to(p.down_bias) for p in parts], (m,), ref),
-                _stack([to(p.up_weight).t() for p in parts], (m, d_out), ref),
-                _stack([to(p.up_bias) for p in parts], (d_out,), ref),
+                _stack_into(parts, "down_weight", (d, m), ref, transpose=True),
+                _stack_into(parts, "down_bias", (m,), ref),
+                _stack_into(parts, "up_weight", (m, d_out), ref, transpose=True),
+                _stack_into(parts, "up_bias", (d_out,), ref),
             ]
             return _Stack(names, tensors, _bottleneck_apply(_ACTIVATIONS[first.activation], first.reads == "input"))
         if isinstance(first, Affine):
             c = first.scale.shape[0]
-            tensors = [_stack([to(p.scale) - 1 for p in parts], (c,), ref), _stack([to(p.shift) for p in parts], (c,), ref)]
+            tensors = [_stack_into(parts, "scale", (c,), ref, slot0=1.0), _stack_into(parts, "shift", (c,), ref)]
             return _Stack(names, tensors, _affine_apply(first.channels_first))
         module = self.base.get_submodule(site)
         base_bias = getattr(module, "bias", None)
         if not isinstance(module, (nn.Linear, nn.LayerNorm, nn.Conv2d)) or base_bias is None:
             raise ConfigError(f"cannot serve a bias of {site} ({type(module).__name__}): not a Linear, LayerNorm or Conv2d")
         channels_first = isinstance(module, nn.Conv2d) or type(module).__name__.endswith("2d")
-        delta = _stack([to(p.value) - base_bias.detach() for p in parts], tuple(base_bias.shape), ref)
-        return _Stack(names, [delta], _bias_apply(channels_first))
+        values = _stack_into(parts, "value", tuple(base_bias.shape), ref, slot0=base_bias.detach())
+        return _Stack(names, [values, base_bias.detach()], _bias_apply(channels_first))
 
     def _head_stack(self, path: str) -> _Stack:
-        rows = [(n, a.head[path]) for n, a in self._adapters.items() if path in a.head]
-        width = max([w.shape[0] for _, (w, _) in rows], default=1)
+        members = [(n, a) for n, a in self._adapters.items() if path in a.head]
+        heads = [_Head(*a.head[path]) for _, a in members]
         ref = self._ref
-        weights = _stack([w.to(ref).t() for _, (w, _) in rows], (rows[0][1][0].shape[1] if rows else 1, width), ref)
-        biases = _stack([(b if b is not None else w.new_zeros(w.shape[0])).to(ref) for _, (w, b) in rows], (width,), ref)
-        return _Stack([n for n, _ in rows], [weights, biases], None)
+        width = max([h.weight.shape[0] for h in heads], default=1)
+        weights = _stack_into(heads, "weight", (heads[0].weight.shape[1] if heads else 1, width), ref, transpose=True)
+        biases = _stack_into(heads, "bias", (width,), ref)
+        for (_, adapter), h in zip(members, heads):  # the adapters now hold views into the stack
+            adapter.head[path] = (h.weight, h.bias)
+        return _Stack([n for n, _ in members], [weights, biases], None)
 
     # ------------------------------------------------------------------------- hooks
 

@@ -104,6 +104,7 @@ class HoulsbyAdapter(Method):
     name = "adapter"
     config_cls = AdapterConfig
     default_lr = 3e-3  # the up-projection starts at 0, as LoRA's B, and wants the same lr (benchmarks/default-lr.md)
+    silent_at_init = ("adapter.down",)  # before the zero up-projection
     examples = (dict(dim=4, placement="attn+ffn"), dict(placement="parallel", scale=0.5))
 
     def expected_params(self, model: nn.Module, backbone: Backbone, config: AdapterConfig) -> int:

@@ -161,6 +161,7 @@ class LoRA(Method):
     name = "lora"
     config_cls = LoRAConfig
     default_lr = 3e-3  # B starts at 0 and alpha / r = 1: the update grows only as fast as lr lets it (benchmarks/default-lr.md)
+    silent_at_init = ("lora_A",)
     layer_cls: type[LoRALinear] = LoRALinear  # the wrapper inject puts on each targeted layer (DoRA's subclasses it)
     examples = (
         dict(r=4, targets=("q", "k", "v", "proj", "fc1", "fc2")),
