@@ -137,13 +137,16 @@ def _stack_into(parts: list[Any], attr: str, shape: tuple[int, ...], ref: torch.
 # (B * windows, N, C) for Swin's window attention, (B, C) pooled. Viewing them as (b, -1, C) gives
 # each sample its own matrix of rows.
 
-def _apply_low_rank(stack: _Stack, slots: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    a_t, b_t = stack.tensors  # (S, in, R), (S, R, out)
-    b = slots.numel()
-    z = torch.bmm(x.reshape(b, -1, x.shape[-1]), a_t[slots])  # (b, L, R)
-    out = out.contiguous()
-    out.view(b, -1, out.shape[-1]).baddbmm_(z, b_t[slots])  # out += z @ B^T per sample
-    return out
+def _low_rank_apply(offset: int) -> Callable:
+    def apply(stack: _Stack, slots: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        a_t, b_t = stack.tensors  # (S, in, R), (S, R, rows)
+        b, rows = slots.numel(), b_t.shape[-1]
+        z = torch.bmm(x.reshape(b, -1, x.shape[-1]), a_t[slots])  # (b, L, R)
+        out = out.contiguous()
+        out.view(b, -1, out.shape[-1])[..., offset : offset + rows].baddbmm_(z, b_t[slots])  # += z @ B^T
+        return out
+
+    return apply
 
 
 def _bottleneck_apply(activation: Callable, reads_input: bool) -> Callable:
@@ -356,10 +359,14 @@ class MultiAdapterModel(nn.Module):
                     prompt_groups.setdefault(part.group, []).append((name, part))
                 elif isinstance(part, (LowRank, Bottleneck, Bias, Affine)):
                     key = (part.site, type(part).__name__, getattr(part, "activation", ""), getattr(part, "reads", ""),
-                           getattr(part, "channels_first", False))
+                           getattr(part, "channels_first", False), getattr(part, "offset", 0),
+                           getattr(part, "b", torch.empty(0)).shape[0])
                     by_key.setdefault(key, []).append((name, part))
         self._sites = {}
-        for (site, *_), members in by_key.items():
+        # at one site: bias values and low-rank updates belong to the op itself, then an affine of its
+        # output (DoRA's row scale reads the updated output), then bottlenecks reading the final output
+        order = {"Bias": 0, "LowRank": 1, "Affine": 2, "Bottleneck": 3}
+        for (site, kind, *_), members in sorted(by_key.items(), key=lambda item: order[item[0][1]]):
             self._sites.setdefault(site, []).append(self._make_stack(site, members))
         self._prompts = {
             group: (type(members[0][1].module).stacked([p.module for _, p in members]), {n: i for i, (n, _) in enumerate(members)})
@@ -377,7 +384,7 @@ class MultiAdapterModel(nn.Module):
             r = max(p.a.shape[0] for p in parts)
             a_t = _stack_into(parts, "a", (first.a.shape[1], r), ref, transpose=True)
             b_t = _stack_into(parts, "b", (r, first.b.shape[0]), ref, transpose=True)
-            return _Stack(names, [a_t, b_t], _apply_low_rank)
+            return _Stack(names, [a_t, b_t], _low_rank_apply(first.offset))
         if isinstance(first, Bottleneck):
             if first.activation not in _ACTIVATIONS:
                 raise ConfigError(f"{site}: cannot serve a bottleneck with activation {first.activation!r}")

@@ -52,6 +52,14 @@ def test_mixed_batch_equals_each_adapters_own_model(served):
         assert torch.isneginf(out[i, ref.numel() :]).all()  # classes this adapter does not have: probability 0
 
 
+def test_the_order_adapters_are_loaded_in_does_not_matter(served):
+    kind, base, adapters, multi = served
+    backwards = MultiAdapterModel(base, {n: d for n, (d, _) in reversed(adapters.items())})
+    names = [*adapters, "base"]
+    x = make_input(kind, batch=len(names), seed=8)
+    torch.testing.assert_close(backwards(x, names), multi(x, names), rtol=0, atol=1e-5)
+
+
 def test_single_adapter_batches_and_the_base_stay_plain(served):
     kind, base, adapters, multi = served
     x = make_input(kind, batch=3, seed=4)

@@ -19,11 +19,13 @@ from torch import nn
 
 @dataclass
 class LowRank:
-    """The Linear at `site` gets `out += x @ a.T @ b.T` (any scaling already folded into `b`)."""
+    """The Linear at `site` gets `out[..., offset : offset + len(b)] += x @ a.T @ b.T` (scaling folded
+    into `b`): an update of some output rows only (one q / k / v slice of a fused qkv) keeps no zeros."""
 
     site: str
     a: torch.Tensor  # (R, in)
-    b: torch.Tensor  # (out, R)
+    b: torch.Tensor  # (rows, R)
+    offset: int = 0  # first output row it updates
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..backbone import Backbone
-from ._parts import Affine, LowRank, Part
+from ._parts import Affine, Part
 from ._registry import register_method
 from .lora import LoRA, LoRAConfig, LoRALinear
 
@@ -101,7 +101,7 @@ class DoRA(LoRA):
                 scale = m.row_scale().detach()
                 bias = m.base_layer.bias
                 shift = (1 - scale) * bias.detach() if bias is not None else torch.zeros_like(scale)
-                parts += [LowRank(name, m.lora_A.detach(), m.block_b().detach() * m.scaling), Affine(name, scale, shift)]
+                parts += [*m.low_rank_parts(name), Affine(name, scale, shift)]
         return parts
 
     def to_peft(self, model: nn.Module, backbone: Backbone, config: DoRAConfig) -> tuple[Any, dict[str, torch.Tensor]]:

@@ -109,6 +109,13 @@ class LoRALinear(PeftModule):
             full[s, :, i, :] = self.lora_B[i]
         return full.view(self.num_slices * w, t * r)
 
+    def low_rank_parts(self, name: str) -> list[LowRank]:
+        """One serving part per targeted slice: its rows of B, its rows of A, scaling folded in."""
+        return [
+            LowRank(name, self.lora_A[i * self.r : (i + 1) * self.r].detach(), self.lora_B[i].detach() * self.scaling, s * self.width)
+            for i, s in enumerate(self.slices)
+        ]
+
     def delta_weight(self) -> torch.Tensor:
         """The dense update (out, in) that `merge` adds: scaling * B @ A."""
         return (self.block_b() @ self.lora_A) * self.scaling
@@ -197,10 +204,7 @@ class LoRA(Method):
                 model.set_submodule(name, module.base_layer)
 
     def serve_parts(self, model: nn.Module, backbone: Backbone, config: LoRAConfig) -> list[Part]:
-        return [
-            LowRank(name, m.lora_A.detach(), m.block_b().detach() * m.scaling)
-            for name, m in model.named_modules() if isinstance(m, LoRALinear)
-        ]
+        return [p for name, m in model.named_modules() if isinstance(m, LoRALinear) for p in m.low_rank_parts(name)]
 
     def to_peft(self, model: nn.Module, backbone: Backbone, config: LoRAConfig) -> tuple[Any, dict[str, torch.Tensor]]:
         """A LoRA on T slices of a Linear is a rank r*T LoRA on the whole Linear with block-structured B.
