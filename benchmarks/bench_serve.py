@@ -296,6 +296,31 @@ def _photos(k: int) -> list[bytes]:
     return out
 
 
+def summary(path: str) -> str:
+    """The markdown tables of a results file."""
+    r = json.loads(Path(path).read_text())
+    lib = {(row["engine"], row["adapters"]): row for row in r["library"]}
+    lines = [f"Library, batch {r['library'][0]['batch']}, img/s (ratio to `single`):", "",
+             "| adapters | single merged model | multi (ours) | merged per adapter | HF PEFT adapter_names | ours / PEFT |",
+             "|---|---|---|---|---|---|"]
+    for n in sorted({a for _, a in lib}):
+        single = lib[("single", n)]["img_per_s"]
+        cell = lambda e: f"{lib[(e, n)]['img_per_s']:.1f} ({lib[(e, n)]['img_per_s'] / single:.2f}x)"  # noqa: E731
+        lines.append(f"| {n} | {single:.1f} | {cell('multi')} | {cell('merged')} | {cell('peft')} | "
+                     f"{lib[('multi', n)]['img_per_s'] / lib[('peft', n)]['img_per_s']:.2f}x |")
+    lines += ["", "HTTP on loopback (PNG photos, JSON base64), concurrency "
+              f"{r['http'][0]['concurrency']}:", "",
+              "| adapters | engine | img/s | p50 ms | p99 ms | mean batch | RSS idle MB | RSS after MB | peak MB |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for h in r["http"]:
+        lines.append(f"| {h['adapters']} | {h['engine'] if h['adapters'] else 'base only'} | {h['img_per_s']:.1f} | "
+                     f"{h['p50_ms']:.0f} | {h['p99_ms']:.0f} | {h['mean_batch']:.1f} | {h['rss_idle_mb']:.0f} | "
+                     f"{h['rss_mb']:.0f} | {h['peak_rss_mb']:.0f} |")
+    files = {k: v / 1e6 for k, v in r["adapter_file_bytes"].items()}
+    lines += ["", "Adapter files (MB): " + ", ".join(f"{k}: {v:.1f}" for k, v in files.items())]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapters", default="1,8,64")
@@ -306,11 +331,14 @@ def main() -> None:
     p.add_argument("--engines", default="multi,merged,peft")
     p.add_argument("--no-http", action="store_true")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results-serve.json"))
+    p.add_argument("--summary", metavar="FILE", help="print the tables of a results file and exit")
     p.add_argument("--serve-engine", help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=8700, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.summary:
+        return print(summary(args.summary))
     if args.serve_engine:
         return run_server(args)
     torch.set_num_threads(2)
@@ -332,6 +360,7 @@ def main() -> None:
                 for engine in engines:
                     results["http"].append(http(root, n, engine, args, images))
             Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    print(summary(args.output))
     print(f"wrote {args.output}")
 
 

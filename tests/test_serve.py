@@ -186,3 +186,30 @@ def test_serve_command_errors_are_one_line(setup, capsys):
     code = main(["serve", "--adapter", f"a={dirs['lora']}", "--adapter", f"b={dirs['other']}", "--checkpoint", ckpt])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "other weights" in err and len(err.splitlines()) == 1
+
+
+def test_the_serve_command_answers_over_http(setup, tmp_path):
+    """`peftvision serve` itself, as users start it: a process that loads, listens and predicts."""
+    import subprocess
+    import sys
+
+    root, ckpt, dirs = setup
+    port = _free_port()
+    cmd = [sys.executable, "-m", "peftvision.cli", "serve", "--adapters-dir", str(root / "adapters"),
+           "--adapter", f"extra={dirs['lora']}", "--checkpoint", ckpt, "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(600):
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert health["adapters"] == 4
+        r = httpx.post(f"http://127.0.0.1:{port}/predict", json={"adapter": "extra", "image": _b64(_png(3))})
+        assert r.status_code == 200 and r.json()["predictions"][0]["label"].startswith("lora")
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert "serving 4 adapters over test_vit on http://127.0.0.1" in out
