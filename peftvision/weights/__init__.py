@@ -26,7 +26,8 @@ STD = (0.5, 0.5, 0.5)
 # them (benchmarks/default-lr.md: the literature's 1e-3 for LoRA lost 6-15 points here, 1e-2 won),
 # and `lr_scale` x the method's default for a method they have not been measured with.
 EMBEDDED_LRS = {"linear": 3e-2, "full": 1e-3, "bitfit": 1e-2, "lora": 1e-2, "adapter": 1e-2,
-                "vpt-shallow": 3e-2, "vpt-deep": 3e-2}
+                "vpt-shallow": 3e-2, "vpt-deep": 3e-2,
+                "ssf": 3e-2, "adapter-plus": 1e-2, "dora": 1e-2, "fact": 1e-2}
 
 # Architecture kwargs per shipped model: `timm.create_model(<name>)` builds exactly this, and
 # the pretraining script reads it from here, so the two cannot drift apart.
