@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import architecture_signature, create_model, describe, model_spec, weights_fingerprint
+from .backbone import architecture_signature, create_model, describe, load_model, model_spec, weights_fingerprint
 from .errors import AdapterExistsError, AdapterFileError, BaseMismatchError, ConfigError, PeftVisionError, UnknownAdapterError
 from .export import WEIGHTS_NAME, load_adapter, read_adapter_config
 from .freeze import get_state, param_report, unwrap
@@ -71,27 +71,6 @@ class _Stack:
         self.slot = {n: i + 1 for i, n in enumerate(names)}
         self.tensors = tensors
         self.apply = apply  # (stack, slots (b,), input, output) -> output
-
-
-def _checkpoint_classes(name: str, checkpoint: str | None) -> int | None:
-    """The head size stored in a local safetensors checkpoint (a fine-tuned backbone's head need not
-    have the registered config's size), so the base keeps its own head for "base" predictions."""
-    if checkpoint is None or not str(checkpoint).endswith(".safetensors"):
-        return None
-    import timm.models
-    from safetensors import safe_open
-
-    from .models import register_default_models
-
-    register_default_models()
-    try:
-        classifier = timm.models.get_pretrained_cfg(name.split(".")[0]).classifier
-        classifier = classifier if isinstance(classifier, str) else classifier[0]
-        with safe_open(str(checkpoint), "pt") as f:
-            key = f"{classifier}.weight"
-            return f.get_slice(key).get_shape()[0] if key in f.keys() else None
-    except Exception:  # noqa: BLE001 -- unreadable here: create_model reports it properly
-        return None
 
 
 def _short(fingerprint: str) -> str:
@@ -237,10 +216,14 @@ class MultiAdapterModel(nn.Module):
         if not adapters:
             raise ConfigError("no adapters given")
         info = read_adapter_config(next(iter(adapters.values())))["model"]
-        base = create_model(
-            info["name"], pretrained=pretrained or checkpoint is not None, checkpoint=checkpoint,
-            num_classes=_checkpoint_classes(info["name"], checkpoint), **(info.get("kwargs") or {}),
-        )
+        name, kwargs = info["name"], info.get("kwargs") or {}
+        if checkpoint is None:
+            base = create_model(name, pretrained=pretrained, **kwargs)
+        else:  # keep the checkpoint's own head (any size) for "base" predictions, if it has one
+            try:
+                base = load_model(name, checkpoint=checkpoint, **kwargs)
+            except PeftVisionError:
+                base = create_model(name, checkpoint=checkpoint, **kwargs)
         return cls(base, adapters, ignore_fingerprint=ignore_fingerprint)
 
     # ------------------------------------------------------------------------- adapters
