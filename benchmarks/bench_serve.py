@@ -305,9 +305,10 @@ def summary(path: str) -> str:
              "|---|---|---|---|---|---|"]
     for n in sorted({a for _, a in lib}):
         single = lib[("single", n)]["img_per_s"]
-        cell = lambda e: f"{lib[(e, n)]['img_per_s']:.1f} ({lib[(e, n)]['img_per_s'] / single:.2f}x)"  # noqa: E731
-        lines.append(f"| {n} | {single:.1f} | {cell('multi')} | {cell('merged')} | {cell('peft')} | "
-                     f"{lib[('multi', n)]['img_per_s'] / lib[('peft', n)]['img_per_s']:.2f}x |")
+        speed = lambda e: lib[(e, n)]["img_per_s"] if (e, n) in lib else None  # noqa: E731
+        cell = lambda e: f"{speed(e):.1f} ({speed(e) / single:.2f}x)" if speed(e) else "–"  # noqa: E731
+        ratio = f"{speed('multi') / speed('peft'):.2f}x" if speed("multi") and speed("peft") else "–"
+        lines.append(f"| {n} | {single:.1f} | {cell('multi')} | {cell('merged')} | {cell('peft')} | {ratio} |")
     lines += ["", "HTTP on loopback (PNG photos, JSON base64), concurrency "
               f"{r['http'][0]['concurrency']}:", "",
               "| adapters | engine | img/s | p50 ms | p99 ms | mean batch | RSS idle MB | RSS after MB | peak MB |",
