@@ -6,6 +6,8 @@ The public API is imported lazily so that `peftvision --help` does not pay for i
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -32,6 +34,7 @@ _API = {
     "list_methods": "peftvision.methods",
     "get_method": "peftvision.methods",
     "register_method": "peftvision.methods",
+    "explain": "peftvision.explain",
     "attention_maps": "peftvision.explain",
     "attention_rollout": "peftvision.explain",
     "grad_cam": "peftvision.explain",
@@ -45,3 +48,16 @@ def __getattr__(name: str) -> Any:
     if name in _API:
         return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'peftvision' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """Keeps `pv.finetune` / `pv.explain` the functions once their modules are imported: the import
+    system sets a submodule as an attribute of its package, which would hide the function of that name."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _API.get(name) == value.__name__:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -83,3 +83,12 @@ def test_help_texts_name_no_single_method():
         with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
             main([command, "--help"])
         assert "LoRA" not in out.getvalue() and "lora" not in out.getvalue(), command
+
+
+def test_api_functions_are_not_hidden_by_their_modules():
+    """`import peftvision.finetune` (the CLI does) must leave `pv.finetune` the function, not the module."""
+    import importlib
+
+    for name in ("finetune", "explain"):
+        module = importlib.import_module(f"peftvision.{name}")
+        assert getattr(pv, name) is getattr(module, name) and callable(getattr(pv, name))
