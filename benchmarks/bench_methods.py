@@ -37,15 +37,9 @@ from peftvision.report import peak_memory_mb
 # variant name -> (method, options). "peft-lora" is HF PEFT's LoRA; "lora-qkv" is ours on the same
 # modules (the whole qkv) and rank, so the two do the same FLOPs.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "full": ("full", {}),
-    "linear": ("linear", {}),
-    "bitfit": ("bitfit", {}),
-    "lora": ("lora", {}),
+    **{m: (m, {}) for m in pv.list_methods()},  # every registered method with its defaults
     "lora-qkv": ("lora", {"targets": ("qkv",)}),
     "peft-lora": ("peft", {}),
-    "adapter": ("adapter", {}),
-    "vpt-shallow": ("vpt-shallow", {}),
-    "vpt-deep": ("vpt-deep", {}),
 }
 
 
@@ -176,16 +170,18 @@ def bench_model(args: argparse.Namespace, model_name: str) -> dict[str, Any]:
         train = interleaved({v: make_step(m, x, y) for v, m in models.items()}, args.warmup, args.steps)
 
     # inference: the plain base (twice: two identical models show this run's noise floor), every variant
-    # unmerged, and LoRA merged
+    # unmerged, and merged where the method can
     infer_models: dict[str, nn.Module] = {
         "base": _plain(model_name, args.num_classes).to(device),
         "base-copy": _plain(model_name, args.num_classes).to(device),
     }
     for v, m in models.items():
         infer_models[v] = m
-    for v in ("lora", "lora-qkv"):
-        if v in models:
-            infer_models[f"{v}-merged"] = pv.merge(models[v])
+    for v, m in models.items():  # every variant whose method merges into plain timm weights
+        method, options = VARIANTS[v]
+        if method != "peft" and pv.get_method(method).mergeable(pv.methods.build_config(method, options)) is None \
+                and not pv.get_method(method).kind == "baseline":
+            infer_models[f"{v}-merged"] = pv.merge(m)
     for k, m in infer_models.items():
         m.eval()
         if args.compile and k not in models:  # variants were compiled in build(); compile the rest alike
