@@ -16,7 +16,6 @@ The adapters enter through forward hooks on timm's blocks, so the base keeps tim
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
 
 import torch
 from torch import nn
