@@ -27,7 +27,7 @@ STD = (0.5, 0.5, 0.5)
 # and `lr_scale` x the method's default for a method they have not been measured with.
 EMBEDDED_LRS = {"linear": 3e-2, "full": 1e-3, "bitfit": 1e-2, "lora": 1e-2, "adapter": 1e-2,
                 "vpt-shallow": 3e-2, "vpt-deep": 3e-2,
-                "ssf": 3e-2, "adapter-plus": 1e-2, "dora": 1e-2, "fact": 1e-2}
+                "ssf": 1e-2, "adapter-plus": 1e-2, "dora": 1e-2, "fact": 1e-2}
 
 # Architecture kwargs per shipped model: `timm.create_model(<name>)` builds exactly this, and
 # the pretraining script reads it from here, so the two cannot drift apart.
