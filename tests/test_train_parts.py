@@ -160,3 +160,12 @@ print(start, before, peak_memory_mb())
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     start, before, after = map(float, out.split())
     assert before > start + 150 and after < before - 150
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    """Files written through a temp file are readable as files written directly are (not mkstemp's 0600)."""
+    from peftvision.files import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.json", "{}")
+    (tmp_path / "b.json").write_text("{}")
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777
