@@ -26,6 +26,17 @@ class PeftModule(nn.Module):
     lets `merge` find everything it must remove.
     """
 
+    def __getattr__(self, name: str) -> Any:
+        """Attributes a wrapper lacks fall through to its `base_layer`, so timm code that reads e.g.
+        `attn.num_heads`, `norm.normalized_shape` or `fc1.in_features` keeps working on it."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self._modules.get("base_layer")
+            if base is None:
+                raise
+            return getattr(base, name)
+
     def adapter_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters this module adds (default: all except those of a wrapped `base_layer`)."""
         base = getattr(self, "base_layer", None)

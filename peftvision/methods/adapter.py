@@ -66,8 +66,8 @@ class Bottleneck(nn.Module):
 class AdapterWrapper(PeftModule):
     """Runs the wrapped module, then adds the adapter: sequential on its output, or parallel on its input.
 
-    Attribute look-ups fall through to the wrapped module so timm code that reads e.g. `attn.num_heads`
-    keeps working.
+    Attribute look-ups fall through to the wrapped module (`PeftModule`), so timm code that reads e.g.
+    `attn.num_heads` keeps working.
     """
 
     def __init__(self, base_layer: nn.Module, adapter: Bottleneck, parallel: bool, scale: float) -> None:
@@ -82,12 +82,6 @@ class AdapterWrapper(PeftModule):
         if self.parallel:
             return out + self.scale * self.adapter(x)
         return out + self.adapter(out)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("base_layer"), name)
 
 
 def _width(module: nn.Module, fallback: int) -> int:

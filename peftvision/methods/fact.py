@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -98,12 +97,6 @@ class FacTLinear(PeftModule):
         u, v = self.factors.u, self.factors.v
         a = self.core @ torch.block_diag(*[u] * self.k_in)
         return a, self.scale * torch.block_diag(*[v] * self.k_out)
-
-    def __getattr__(self, name: str) -> Any:  # in_features, weight, ... of the wrapped Linear
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("base_layer"), name)
 
 
 def _sites(model: nn.Module, backbone: Backbone, config: FacTConfig) -> list[tuple[BlockInfo, str, nn.Linear]]:

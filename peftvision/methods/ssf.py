@@ -55,12 +55,6 @@ class ScaleShift(PeftModule):
             return out * self.scale.view(-1, 1, 1) + self.shift.view(-1, 1, 1)
         return out * self.scale + self.shift
 
-    def __getattr__(self, name: str) -> Any:  # timm code may read e.g. `norm.normalized_shape`
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("base_layer"), name)
-
     @torch.no_grad()
     def fold(self) -> nn.Module:
         """The wrapped op with scale and shift folded into its weight and bias."""
