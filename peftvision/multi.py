@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import architecture_signature, create_model, describe, load_model, model_spec, weights_fingerprint
+from .data import input_size
 from .errors import AdapterExistsError, AdapterFileError, BaseMismatchError, ConfigError, PeftVisionError, UnknownAdapterError
 from .export import WEIGHTS_NAME, load_adapter, read_adapter_config
 from .freeze import get_state, param_report, unwrap
@@ -194,6 +195,9 @@ class MultiAdapterModel(nn.Module):
         self.fingerprint = weights_fingerprint(base, self.backbone)
         self.signature = architecture_signature(base, self.backbone)
         self.ignore_fingerprint = ignore_fingerprint
+        self.input_size = tuple(input_size(base))  # (C, H, W) every batch must have
+        self._base_has_head = isinstance(base.get_submodule(self.backbone.head_names[0]), nn.Linear)
+        self._transforms: dict[str, Callable[[Any], torch.Tensor]] = {}  # per resize mode
         self._ref = next(base.parameters())
         self._adapters: dict[str, AdapterInfo] = {}
         self._own: nn.ModuleDict = nn.ModuleDict()  # models of adapters that share no weights
@@ -461,15 +465,13 @@ class MultiAdapterModel(nn.Module):
         return int(getattr(self.base, "num_classes", 0)) if name == BASE else self.info(name).num_classes
 
     def _check(self, x: torch.Tensor, names: list[str]) -> None:
-        from .data import input_size
-
-        if x.dim() != 4 or tuple(x.shape[1:]) != tuple(input_size(self.base)):
-            raise ConfigError(f"images must be (B, {', '.join(map(str, input_size(self.base)))}), got {tuple(x.shape)}")
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_size:
+            raise ConfigError(f"images must be (B, {', '.join(map(str, self.input_size))}), got {tuple(x.shape)}")
         if len(names) != x.shape[0]:
             raise ConfigError(f"{len(names)} adapter names for a batch of {x.shape[0]} images")
-        for n in names:
+        for n in set(names):
             if n == BASE:
-                if not isinstance(self.base.get_submodule(self.backbone.head_names[0]), nn.Linear):
+                if not self._base_has_head:
                     raise ConfigError(f"the base {self.base_name} has no classifier head to predict with")
             else:
                 self.info(n)
@@ -520,10 +522,9 @@ class MultiAdapterModel(nn.Module):
         from .data import make_transform
 
         resize = "crop" if name == BASE else self.info(name).resize
-        cache = self.__dict__.setdefault("_transforms", {})
-        if resize not in cache:
-            cache[resize] = make_transform(self.base, train=False, resize=resize)
-        return cache[resize]
+        if resize not in self._transforms:
+            self._transforms[resize] = make_transform(self.base, train=False, resize=resize)
+        return self._transforms[resize]
 
     def classes(self, name: str) -> list[str]:
         return [str(i) for i in range(self.num_classes(name))] if name == BASE else self.info(name).classes
