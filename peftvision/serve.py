@@ -92,11 +92,9 @@ class Batcher:
             deadline = loop.time() + self.max_wait_ms / 1000
             while len(batch) < self.max_batch:
                 timeout = deadline - loop.time()
-                if timeout <= 0 and self.queue.empty():
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), max(timeout, 0)))
-                except asyncio.TimeoutError:
+                try:  # past the deadline, still take what is already waiting
+                    batch.append(self.queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self.queue.get(), timeout))
+                except (asyncio.TimeoutError, asyncio.QueueEmpty):
                     break
             await self._run_batch(batch)
 
