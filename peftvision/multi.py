@@ -345,9 +345,10 @@ class MultiAdapterModel(nn.Module):
                 if isinstance(part, Prompts):
                     prompt_groups.setdefault(part.group, []).append((name, part))
                 elif isinstance(part, (LowRank, Bottleneck, Bias, Affine)):
+                    # parts stack together when they apply alike: same site, kind and shape-defining options
+                    rows = part.b.shape[0] if isinstance(part, LowRank) else 0
                     key = (part.site, type(part).__name__, getattr(part, "activation", ""), getattr(part, "reads", ""),
-                           getattr(part, "channels_first", False), getattr(part, "offset", 0),
-                           getattr(part, "b", torch.empty(0)).shape[0])
+                           getattr(part, "channels_first", False), getattr(part, "offset", 0), rows)
                     by_key.setdefault(key, []).append((name, part))
         self._sites = {}
         # at one site: bias values and low-rank updates belong to the op itself, then an affine of its
