@@ -177,7 +177,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), tasks=args.tasks,
         model=args.model or "", checkpoint=args.checkpoint, seeds=args.seeds, output=args.output,
         workers=args.workers, search=args.search, epochs=args.epochs, batch_size=args.batch_size,
-        max_test=args.max_test, quiet=args.quiet,
+        max_test=args.max_test, quiet=args.quiet, report_to=args.report_to,
     )
     compare(cc)
     print(f"results in {cc.output}: results.csv, results.json, summary.md, accuracy_vs_params.png, per_task.png")
@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     p = sub.add_parser("finetune", help="fine-tune a backbone with a PEFT method")
-    from .config import add_config_flags
+    from .config import REPORT_TO, add_config_flags
 
     fields = add_config_flags(p)
     p.add_argument("--recipe", help="YAML file with the same keys as these flags (flags override it)")
@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=c.epochs, help="epochs per run")
     p.add_argument("--batch-size", type=int, default=c.batch_size)
     p.add_argument("--max-test", type=int, help="cap each task's test set")
+    p.add_argument("--report-to", default=c.report_to, choices=REPORT_TO,
+                   help="experiment tracker: one run per (method, task, seed), tagged with them")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
 

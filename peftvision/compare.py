@@ -40,6 +40,7 @@ class CompareConfig:
     num_workers: int = 0  # DataLoader workers per run (runs are already parallel)
     max_test: int | None = None
     quiet: bool = False
+    report_to: str = "none"  # one tracker run per (method, task, seed), tagged with them
 
 
 @dataclass
@@ -62,7 +63,13 @@ class Job:
             train_split="train800" if search else "train800val200", val_split="val200" if search else None,
             test_split=None if search else "test", num_workers=cc.num_workers, max_test=cc.max_test, quiet=True,
             warmup_epochs=cc.epochs / 10,  # the literature's 10 of 100 epochs
+            report_to=cc.report_to,
         )
+
+    def tags(self, cc: CompareConfig) -> dict[str, object]:
+        """How trackers name and group this run."""
+        return {"comparison": Path(cc.output).name, "kind": self.kind, "method": self.method, "task": self.task,
+                "seed": self.seed, **({"lr": self.lr, "wd": self.weight_decay} if self.kind == "search" else {})}
 
 
 def _task_dir(task: str) -> str:
@@ -87,7 +94,7 @@ def run_job(job: Job, cc: CompareConfig, threads: int) -> dict[str, Any]:
                 for f in out.iterdir():
                     if f.is_file():
                         f.unlink()
-            metrics = finetune(job.config(cc), resume=resume)
+            metrics = finetune(job.config(cc), resume=resume, tags=job.tags(cc))
             row["status"] = "resumed" if resume else "ran"
         row.update(metrics)
         (out / "error.txt").unlink(missing_ok=True)

@@ -24,6 +24,9 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(metadata={"help": help, **extra}, **kwargs)
 
 
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "all")
+
+
 @dataclass
 class TrainConfig:
     """Everything a run needs; a recipe YAML holds the same keys, and CLI flags override it."""
@@ -37,10 +40,13 @@ class TrainConfig:
     epochs: int = _opt(7, "the default run (`make demo`) finishes in under 3 minutes on 2 CPU cores")
     batch_size: int = _opt(64, "per process; 64 is the VTAB-1k setting")
     lr: float | None = _opt(None, "empty: the method's own for this backbone (`peftvision info` lists them)")
-    weight_decay: float = _opt(1e-4, "applied only to tensors with 2+ dims (not biases, norms, 1-d prompts)")
-    optimizer: str = _opt("adamw", "adamw or sgd", choices=("adamw", "sgd"))
-    momentum: float = _opt(0.9, "sgd only")
-    warmup_epochs: float = _opt(1.0, "linear warm-up, then cosine decay to 0 (per step)")
+    weight_decay: float = _opt(1e-4, "not on biases, norms or the model's no_weight_decay() (pos_embed, cls_token)")
+    optimizer: str = _opt("adamw", "any timm optimizer: adamw, sgd (nesterov), momentum, lamb, lion, ... "
+                                   "(timm.optim.list_optimizers())")
+    momentum: float = _opt(0.9, "for optimizers with momentum (sgd, momentum, ...)")
+    layer_decay: float | None = _opt(None, "layer-wise lr decay (timm): block i gets lr * decay^(depth - i); 0.65-0.75 "
+                                           "is common for full fine-tuning")
+    warmup_epochs: float = _opt(1.0, "linear warm-up, then cosine decay to 0 (timm's scheduler, per step)")
     grad_accum: int = _opt(1, "gradient accumulation steps")
     clip_grad: float | None = _opt(1.0, "max grad norm; 0 or none disables it")
     mixed_precision: str = _opt("no", "no, bf16 or fp16", choices=("no", "bf16", "fp16"))
@@ -61,6 +67,8 @@ class TrainConfig:
     num_workers: int = _opt(2, "DataLoader worker processes")
     max_test: int | None = _opt(None, "cap the test set size (large VTAB test sets)")
     quiet: bool = _opt(False, "no progress bar or summary")
+    report_to: str = _opt("none", "experiment tracker through accelerate: tensorboard (OUTPUT/tensorboard), wandb, "
+                                  "mlflow, all (every installed one), none", choices=REPORT_TO)
 
     def __post_init__(self) -> None:
         checks = [
@@ -68,7 +76,9 @@ class TrainConfig:
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.lr is None or self.lr > 0, "lr must be > 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.optimizer in ("adamw", "sgd"), "optimizer must be adamw or sgd"),
+            (bool(self.optimizer), "optimizer must be a timm optimizer name (adamw, sgd, ...)"),
+            (self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay must be in (0, 1]"),
+            (self.report_to in REPORT_TO, f"report_to must be one of {', '.join(REPORT_TO)}"),
             (self.grad_accum >= 1, "grad_accum must be >= 1"),
             (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision must be no, bf16 or fp16"),
             (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
@@ -208,7 +218,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
 
 # ----------------------------------------------------------------------------- resuming
 
-RESUMABLE = ("epochs", "quiet")  # what may change when a run continues: extend it, silence it
+RESUMABLE = ("epochs", "quiet", "report_to")  # what may change when a run continues: extend it, silence it, track it
 
 
 def read_run_config(output: str | Path) -> TrainConfig:

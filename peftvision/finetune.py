@@ -41,23 +41,22 @@ def finetune(
     cfg: TrainConfig,
     resume: bool = False,
     on_epoch_end: Callable[[LoopState], None] | None = None,
+    tags: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run one fine-tuning job end to end and return its metrics (also written to metrics.json)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    """Run one fine-tuning job end to end and return its metrics (also written to metrics.json).
 
-    from .backbone import create_model
-    from .data import load_task, run_loaders
-    from .evaluate import evaluate_model
-    from .export import WEIGHTS_NAME, load_best, save_adapter
-    from .files import write_json, write_yaml
-    from .freeze import get_state, param_report
-    from .injection import enable_grad_checkpointing, inject
-    from .report import peak_memory_mb, plot_curves, reset_peak_memory, write_history
-    from .train import train
-    from .ui import Progress, print_summary
+    `tags` name the run in experiment trackers (`compare` passes method, task, seed)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    from .files import write_yaml
+    from .report import reset_peak_memory
+    from .tracking import log_dir, start_trackers, trackers
+    from .train import check_optimizer
 
     cfg = resolve_config(cfg)
+    report_to = trackers(cfg.report_to)  # before any work: a missing tracker or optimizer is one line
+    check_optimizer(cfg.optimizer)
     output = Path(cfg.output)
     if resume and not (output / "checkpoint").is_dir():
         raise PeftVisionError(f"nothing to resume in {output}: it has no checkpoint/")
@@ -67,12 +66,38 @@ def finetune(
         )
 
     reset_peak_memory()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, log_with=report_to or None,
+        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(log_dir(output))),
+    )
     main = accelerator.is_main_process
     set_seed(cfg.seed)
     if main:
         output.mkdir(parents=True, exist_ok=True)
         write_yaml(output / "config.yaml", dataclasses.asdict(cfg))
+    start_trackers(accelerator, cfg, output, tags)
+    try:
+        return _run(cfg, accelerator, output, resume, on_epoch_end)
+    finally:
+        accelerator.end_training()  # flush and close the trackers, also after an error or Ctrl-C
+
+
+def _run(
+    cfg: TrainConfig, accelerator: Any, output: Path, resume: bool, on_epoch_end: Callable[[LoopState], None] | None,
+) -> dict[str, Any]:
+    """finetune's body once the accelerator and the trackers run."""
+    from .backbone import create_model
+    from .data import load_task, run_loaders
+    from .evaluate import evaluate_model
+    from .export import WEIGHTS_NAME, load_best, save_adapter
+    from .files import write_json
+    from .freeze import get_state, param_report
+    from .injection import enable_grad_checkpointing, inject
+    from .report import peak_memory_mb, plot_curves, write_history
+    from .train import train
+    from .ui import Progress, print_summary
+
+    main = accelerator.is_main_process
     log = _Log(output / "log.jsonl" if main else None)
     log("start", resume=resume, config=dataclasses.asdict(cfg), processes=accelerator.num_processes)
 
@@ -151,6 +176,7 @@ def finetune(
         "peak_memory_mb": peak_memory_mb(),
         "processes": accelerator.num_processes,
     }
+    accelerator.log({f"test/{k}": v for k, v in test.items()}, step=loop.step)
     if main:
         write_json(output / "metrics.json", metrics)
         write_history(output / "history.csv", loop.history)

@@ -26,30 +26,53 @@ from .ui import GracefulInterrupt
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Only trainable tensors; decay only matrices (nanoGPT's rule: p.dim() >= 2)."""
+    """timm's optimizer factory, so every timm optimizer name and its defaults work as timm users know them.
+
+    It takes only trainable tensors and keeps weight decay off 1-d tensors, biases and the model's own
+    `no_weight_decay()` list (position embeddings, class token); `cfg.layer_decay` scales block i's lr by
+    decay^(depth - i) through timm's `group_matcher`, the head and anything outside the blocks at full lr.
+    """
+    from timm.optim import create_optimizer_v2
+
     if cfg.lr is None:
         raise ConfigError("lr is unset: resolve the config first (peftvision.finetune.resolve_config fills the method's)")
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("the model has no trainable parameters: inject a method first")
+    try:
+        return create_optimizer_v2(
+            model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+            layer_decay=cfg.layer_decay,
+        )
+    except ValueError as e:  # timm's "optimizer not found"
+        raise ConfigError(f"--optimizer {cfg.optimizer}: {e}") from None
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to 0, per optimizer step."""
+def check_optimizer(name: str) -> None:
+    """Fail before any data is loaded when timm has no optimizer of that name."""
+    from timm.optim import list_optimizers
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if name.lower().split("_")[-1] not in list_optimizers():  # "lookahead_adamw" is timm's wrapper syntax
+        raise ConfigError(f"unknown optimizer {name!r}; timm has: {', '.join(list_optimizers())}")
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> Any:
+    """timm's cosine schedule per optimizer step: linear warm-up, then cosine decay to 0.
+
+    Stepped with `step_update(steps_done)`; it also applies each group's `lr_scale` (layer decay).
+    Warm-up starts at lr/warmup_steps rather than 0 so that the first step is not wasted.
+    """
+    from timm.scheduler import CosineLRScheduler
+
+    base = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
+    return CosineLRScheduler(
+        optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=0.0, warmup_t=warmup_steps,
+        warmup_lr_init=base / warmup_steps if warmup_steps else 0.0, warmup_prefix=True, t_in_epochs=False,
+    )
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The base lr now (the group at full scale: layer decay scales the others down)."""
+    return max(g["lr"] for g in optimizer.param_groups)
 
 
 @dataclass
@@ -85,14 +108,17 @@ def train(
     after the last epoch, and the loop state (history, best epoch, timings).
     """
     optimizer = build_optimizer(model, cfg)
-    steps_per_epoch = math.ceil(len(loaders.train) / cfg.grad_accum)
-    scheduler = build_scheduler(optimizer, int(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    ddp_model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, loaders.train, scheduler)
+    ddp_model, optimizer, train_loader = accelerator.prepare(model, optimizer, loaders.train)
     val_loader = accelerator.prepare(loaders.val) if loaders.val is not None else None
+    # the schedule counts this process's optimizer steps (its shard of the data), so it is the same
+    # with 1 or N processes; timm's scheduler is stepped by hand, not through accelerate's wrapper
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
+    scheduler = build_scheduler(optimizer, int(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
 
     ckpt_dir = output / "checkpoint"
     state = LoopState(**load_checkpoint(ckpt_dir, params, optimizer, scheduler)) if resume else LoopState()
+    scheduler.step_update(state.step)
 
     def checkpoint() -> None:
         if accelerator.is_main_process:
@@ -126,8 +152,9 @@ def train(
                         accelerator.clip_grad_norm_(ddp_model.parameters(), cfg.clip_grad)
                     optimizer.step()
                     if accelerator.sync_gradients:
-                        scheduler.step()
                         state.step += 1
+                        scheduler.step_update(state.step)
+                        accelerator.log({"train/loss": loss.item(), "train/lr": current_lr(optimizer)}, step=state.step)
                     optimizer.zero_grad(set_to_none=True)
                 seen += labels.shape[0] * accelerator.num_processes
                 loss_sum += loss.item()
@@ -144,7 +171,7 @@ def train(
             record: dict[str, Any] = {
                 "epoch": state.epoch + 1,
                 "train_loss": loss_sum / max(batches, 1),
-                "lr": scheduler.get_last_lr()[0],
+                "lr": current_lr(optimizer),
                 "seconds": seconds,
             }
             improved = True  # no validation: keep the latest
@@ -152,6 +179,8 @@ def train(
                 val = evaluate_model(ddp_model, val_loader, num_classes, accelerator)
                 record.update(val_loss=val["loss"], val_top1=val["top1"])
                 improved = val["top1"] > state.best_top1
+                accelerator.log({"val/loss": val["loss"], "val/top1": val["top1"]}, step=state.step)
+            accelerator.log({"train/epoch_loss": record["train_loss"], "epoch": state.epoch + 1}, step=state.step)
             state.epoch += 1
             state.history.append(record)
             if improved:

@@ -36,12 +36,49 @@ def test_schedule_warms_up_then_decays_to_zero():
     opt = torch.optim.SGD([p], lr=1.0)
     sched = build_scheduler(opt, warmup_steps=4, total_steps=20)
     lrs = []
-    for _ in range(20):
+    for step in range(1, 21):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
-        sched.step()
-    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] < 0.01
+        sched.step_update(step)
+    # timm's linear warm-up from lr/4 (not 0: no wasted first step), then cosine to 0 over the other 16
+    assert lrs[:5] == pytest.approx([0.25, 0.4375, 0.625, 0.8125, 1.0])
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.01
+    assert lrs[12] == pytest.approx(0.5)  # half-way through the cosine
+
+
+def test_optimizer_is_timms_with_layer_decay():
+    model = pv.inject(make_model("vit"), "lora")
+    depth = len(model.blocks)
+    opt = build_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.05, layer_decay=0.5))
+    sched = build_scheduler(opt, 0, 10)
+    scale_of = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(scale_of) == {id(p) for p in trainable.values()}
+    for name, p in trainable.items():
+        if name.startswith("blocks."):
+            i = int(name.split(".")[1])
+            # timm's group_matcher: layer 0 is the stem, block i is layer i + 1, the head is layer depth + 1
+            assert scale_of[id(p)] == pytest.approx(0.5 ** (depth - i)), name
+        elif name.startswith("head."):
+            assert scale_of[id(p)] == 1.0
+        assert lr_of[id(p)] == pytest.approx(1e-3 * scale_of[id(p)]), "the scheduler applies lr_scale"
+    sched.step_update(5)
+    assert max(g["lr"] for g in opt.param_groups) == pytest.approx(0.5e-3)
+
+
+@pytest.mark.parametrize("name", ["sgd", "lamb", "lion"])
+def test_any_timm_optimizer_by_name(name):
+    model = pv.inject(make_model("vit"), "lora")
+    opt = build_optimizer(model, TrainConfig(lr=1e-3, optimizer=name))
+    assert type(opt).__name__.lower().startswith({"sgd": "sgd"}.get(name, name))
+
+
+def test_unknown_optimizer_is_one_line():
+    from peftvision.train import check_optimizer
+
+    with pytest.raises(ConfigError, match="unknown optimizer 'adamx'; timm has: .*adamw"):
+        check_optimizer("adamx")
 
 
 def test_epoch_sampler_depends_only_on_seed_and_epoch():
@@ -57,13 +94,13 @@ def test_epoch_sampler_depends_only_on_seed_and_epoch():
 
 
 def test_checkpoint_round_trip_restores_training_exactly(tmp_path):
-    def run(model, opt, sched, steps):
+    def run(model, opt, sched, steps, done=0):
         x = make_input("vit")
-        for _ in range(steps):
+        for step in range(done + 1, done + steps + 1):
             loss = model(x).logsumexp(-1).mean() + 0.01 * torch.randn(()).item()  # consumes the global RNG
             loss.backward()
             opt.step()
-            sched.step()
+            sched.step_update(step)
             opt.zero_grad()
         return model(x).detach()
 
@@ -78,13 +115,13 @@ def test_checkpoint_round_trip_restores_training_exactly(tmp_path):
     run(model, opt, sched, 2)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     save_checkpoint(tmp_path / "ckpt", params, opt, sched, {"epoch": 2})
-    expected = run(model, opt, sched, 3)
+    expected = run(model, opt, sched, 3, done=2)
     after_rng = (random.random(), np.random.rand())
 
     model2, opt2, sched2 = fresh()
     params2 = {n: p for n, p in model2.named_parameters() if p.requires_grad}
     assert load_checkpoint(tmp_path / "ckpt", params2, opt2, sched2) == {"epoch": 2}
-    torch.testing.assert_close(run(model2, opt2, sched2, 3), expected, rtol=0, atol=0)
+    torch.testing.assert_close(run(model2, opt2, sched2, 3, done=2), expected, rtol=0, atol=0)
     assert (random.random(), np.random.rand()) == after_rng
 
 
