@@ -25,28 +25,45 @@ TENSORS = "state.safetensors"
 META = "state.json"
 
 
+def _encode(name: str, value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """A JSON stand-in for `value`; tensors go to `tensors` under `name` (timm's optimizers keep
+    tensors in param groups (LAMB's step), lists of tensors in their state (Kron), dtypes (AdafactorBV))."""
+    if torch.is_tensor(value):
+        tensors[name] = value
+        return {"__tensor__": name}
+    if isinstance(value, (list, tuple)) and any(torch.is_tensor(v) for v in value):
+        return {"__list__": [_encode(f"{name}.{i}", v, tensors) for i, v in enumerate(value)]}
+    if isinstance(value, torch.dtype):
+        return {"__dtype__": str(value).removeprefix("torch.")}
+    return value
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict) and len(value) == 1:
+        (kind, inner), = value.items()
+        if kind == "__tensor__":
+            return tensors[inner]
+        if kind == "__list__":
+            return [_decode(v, tensors) for v in inner]
+        if kind == "__dtype__":
+            return getattr(torch, inner)
+    return value
+
+
 def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer.{idx}.{key}"] = value
-            else:
-                scalars.setdefault(str(idx), {})[key] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    state = {str(idx): {k: _encode(f"optimizer.{idx}.{k}", v, tensors) for k, v in values.items()}
+             for idx, values in sd["state"].items()}
+    groups = [{k: _encode(f"optimizer_group.{i}.{k}", v, tensors) for k, v in group.items()}
+              for i, group in enumerate(sd["param_groups"])]
+    return tensors, {"param_groups": groups, "state": state}
 
 
 def _optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optimizer."):
-            _, idx, key = name.split(".", 2)
-            state.setdefault(int(idx), {})[key] = value
-    for idx, values in meta["scalars"].items():
-        state.setdefault(int(idx), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    state = {int(idx): {k: _decode(v, tensors) for k, v in values.items()} for idx, values in meta["state"].items()}
+    groups = [{k: _decode(v, tensors) for k, v in group.items()} for group in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -114,6 +131,9 @@ def load_checkpoint(
         meta = json.loads((directory / META).read_text())
     except json.JSONDecodeError:
         raise PeftVisionError(f"{directory / META} is damaged; delete the checkpoint and start again") from None
+    if "state" not in meta.get("optimizer", {}):
+        raise PeftVisionError(f"the checkpoint in {directory} was written by an older peftvision (before timm's "
+                              f"optimizer and scheduler); it cannot resume: start the run again")
     tensors = load_tensors(directory / TENSORS)
     missing = [k for k in params if f"param.{k}" not in tensors]
     if missing:

@@ -92,6 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate_model
     from .export import load_adapter
     from .freeze import get_state
+    from .ui import progress_bar
 
     model = load_adapter(args.adapter, checkpoint=args.checkpoint, ignore_fingerprint=args.ignore_fingerprint).eval()
     task = load_task(args.dataset, seed=args.seed)
@@ -99,8 +100,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise DataError(f"{args.dataset} has {task.num_classes} classes, the adapter's head {model.num_classes}")
     transform = make_transform(model, train=False, resize=get_state(model).resize)
     loader = build_loader(task.dataset(args.split, transform), batch_size=args.batch_size, num_workers=args.num_workers)
-    metrics = evaluate_model(model, loader, task.num_classes)
-    print(json.dumps({"adapter": str(args.adapter), "dataset": args.dataset, "split": args.split, **metrics}))
+    with progress_bar(f"evaluating on {args.split} ({len(loader.dataset):,} images)", len(loader)) as tick:
+        metrics = evaluate_model(model, loader, task.num_classes, on_batch=tick)
+    # indented: still one JSON document for scripts, and it fits a terminal
+    print(json.dumps({"adapter": str(args.adapter), "dataset": args.dataset, "split": args.split, **metrics}, indent=2))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

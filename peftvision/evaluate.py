@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -33,7 +33,9 @@ def classification_metrics(topk: torch.Tensor, labels: torch.Tensor, num_classes
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, loader: Any, num_classes: int, accelerator: Any = None) -> dict[str, float]:
+def evaluate_model(
+    model: nn.Module, loader: Any, num_classes: int, accelerator: Any = None, on_batch: Callable[[], None] | None = None,
+) -> dict[str, float]:
     """loss, top1, top5, mean per-class accuracy (%) and the image count over a loader.
 
     The one evaluator: validation and the final test inside a run (with `accelerator`, whose prepared
@@ -51,6 +53,8 @@ def evaluate_model(model: nn.Module, loader: Any, num_classes: int, accelerator:
         topk = topk_predictions(logits)
         if accelerator is not None:
             topk, labels, loss = accelerator.gather_for_metrics((topk, labels, loss))
+        if on_batch is not None:
+            on_batch()
         all_topk.append(topk.cpu())
         all_labels.append(labels.cpu())
         losses.append(loss.cpu())

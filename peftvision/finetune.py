@@ -95,7 +95,7 @@ def _run(
     from .injection import enable_grad_checkpointing, inject
     from .report import peak_memory_mb, plot_curves, write_history
     from .train import train
-    from .ui import Progress, print_summary
+    from .ui import Progress, print_summary, progress_bar
 
     main = accelerator.is_main_process
     log = _Log(output / "log.jsonl" if main else None)
@@ -149,7 +149,10 @@ def _run(
     load_best(model, output)
     test: dict[str, float] = {}
     if loaders.test is not None:
-        test = evaluate_model(accelerator.prepare(model), accelerator.prepare(loaders.test), task.num_classes, accelerator)
+        test_loader = accelerator.prepare(loaders.test)
+        with progress_bar(f"testing on {len(task.split(cfg.test_split)):,} images", len(test_loader),
+                          enabled=main and not cfg.quiet) as tick:
+            test = evaluate_model(accelerator.prepare(model), test_loader, task.num_classes, accelerator, on_batch=tick)
     metrics = {
         "method": cfg.method,
         "model": cfg.model,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -176,7 +177,8 @@ def train(
             }
             improved = True  # no validation: keep the latest
             if val_loader is not None:
-                val = evaluate_model(ddp_model, val_loader, num_classes, accelerator)
+                with (progress.step("validating", len(val_loader)) if progress is not None else nullcontext(None)) as tick:
+                    val = evaluate_model(ddp_model, val_loader, num_classes, accelerator, on_batch=tick)
                 record.update(val_loss=val["loss"], val_top1=val["top1"])
                 improved = val["top1"] > state.best_top1
                 accelerator.log({"val/loss": val["loss"], "val/top1": val["top1"]}, step=state.step)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import signal
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
+
+Advance = Callable[[], None]  # one unit of work done
 
 
 def print_wide(table: Any) -> None:
@@ -15,6 +18,39 @@ def print_wide(table: Any) -> None:
     console = Console()
     console.width = max(console.width, console.measure(table, options=console.options.update_width(10_000)).maximum)
     console.print(table)
+
+
+def _bar(console: Any, transient: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, SpinnerColumn
+    from rich.progress import TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return RichProgress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=transient)
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None = None, enabled: bool = True) -> Iterator[Advance]:
+    """A bar (or, without a total, a spinner) on stderr for one long step; it disappears when done.
+
+    Drawn only on a terminal: in a log file or CI it prints nothing, so logs stay one line per event.
+    If another bar is already live (inside a training run), the step shows as nothing extra."""
+    from rich.console import Console
+    from rich.errors import LiveError
+
+    if not enabled:
+        yield lambda: None
+        return
+    bar = _bar(Console(stderr=True), transient=True)
+    try:
+        bar.start()
+    except LiveError:  # one live display at a time
+        yield lambda: None
+        return
+    try:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)
+    finally:
+        bar.stop()
 
 
 class Progress:
@@ -32,8 +68,7 @@ class Progress:
 
             self._progress = RichProgress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} img/s"),
-                TimeRemainingColumn(), transient=False,
+                TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), transient=False,
             )
             self._progress.__enter__()
         return self
@@ -46,12 +81,24 @@ class Progress:
         if self._progress is None:
             return
         if self._task is None:
-            self._task = self._progress.add_task("", total=batches * self.epochs, loss="-", speed="-", completed=epoch * batches)
+            self._task = self._progress.add_task("", total=batches * self.epochs, stats="", completed=epoch * batches)
         self._progress.update(self._task, description=f"epoch {epoch + 1}/{self.epochs}")
 
     def advance(self, loss: float, images_per_second: float) -> None:
         if self._progress is not None:
-            self._progress.update(self._task, advance=1, loss=f"{loss:.3f}", speed=f"{images_per_second:.0f}")
+            self._progress.update(self._task, advance=1, stats=f"loss {loss:.3f} {images_per_second:.0f} img/s")
+
+    @contextmanager
+    def step(self, description: str, total: int) -> Iterator[Advance]:
+        """A second, transient bar in the same display (validation inside a run)."""
+        if self._progress is None:
+            yield lambda: None
+            return
+        task = self._progress.add_task(description, total=total, stats="")
+        try:
+            yield lambda: self._progress.advance(task)
+        finally:
+            self._progress.remove_task(task)
 
     def end_epoch(self, record: dict[str, Any]) -> None:
         if self._progress is not None and "val_top1" in record:

@@ -129,9 +129,10 @@ def test_default_run_uses_the_shipped_backbone_and_task(tmp_path, monkeypatch):
     assert metrics["test_top1"] > 25, metrics  # chance is 10%
 
 
-def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, backbone_checkpoint):
+@pytest.mark.parametrize("optim", [{}, {"optimizer": "lamb", "layer_decay": 0.65}], ids=["adamw", "lamb-layer-decay"])
+def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, backbone_checkpoint, optim):
     base = TrainConfig(method="lora", model="pv_vit_tiny_32", checkpoint=backbone_checkpoint, epochs=3, batch_size=100, num_workers=0, quiet=True, max_test=200,
-                       options={"dropout": 0.1})
+                       options={"dropout": 0.1}, **optim)
     full = finetune(dataclasses.replace(base, output=str(tmp_path / "full")))
 
     def interrupt_after_first(state):

@@ -93,7 +93,8 @@ def test_epoch_sampler_depends_only_on_seed_and_epoch():
     assert list(b) != first
 
 
-def test_checkpoint_round_trip_restores_training_exactly(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "lamb", "adafactorbv"])  # tensors / dtypes in their groups
+def test_checkpoint_round_trip_restores_training_exactly(tmp_path, optimizer):
     def run(model, opt, sched, steps, done=0):
         x = make_input("vit")
         for step in range(done + 1, done + steps + 1):
@@ -107,7 +108,7 @@ def test_checkpoint_round_trip_restores_training_exactly(tmp_path):
     def fresh():
         torch.manual_seed(0)
         model = pv.inject(make_model("vit"), "lora", dropout=0.1)
-        opt = build_optimizer(model, TrainConfig(lr=1e-3))
+        opt = build_optimizer(model, TrainConfig(lr=1e-3, optimizer=optimizer))
         return model, opt, build_scheduler(opt, 2, 10)
 
     model, opt, sched = fresh()
@@ -206,3 +207,18 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     atomic_write_text(tmp_path / "a.json", "{}")
     (tmp_path / "b.json").write_text("{}")
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777
+
+
+def test_checkpoint_from_an_older_format_is_one_clear_error(tmp_path):
+    import json
+
+    model = pv.inject(make_model("vit"), "linear")
+    opt = build_optimizer(model, TrainConfig(lr=1e-3))
+    sched = build_scheduler(opt, 1, 5)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    save_checkpoint(tmp_path / "ckpt", params, opt, sched, {"epoch": 1})
+    meta = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+    meta["optimizer"] = {"param_groups": meta["optimizer"]["param_groups"], "scalars": {}}  # the old layout
+    (tmp_path / "ckpt" / "state.json").write_text(json.dumps(meta))
+    with pytest.raises(PeftVisionError, match="written by an older peftvision"):
+        load_checkpoint(tmp_path / "ckpt", params, opt, sched)

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..ui import progress_bar
 from .hub import cache_root
 from .images import ArraySource
 from .protocol import benchmark_aliases, hold_out, protocol_splits, whole
@@ -106,7 +107,8 @@ def materialize(name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         start = time.perf_counter()
-        arrays = generate(name)
+        with progress_bar(f"generating builtin:{name} (first use; cached in {final.parent})"):
+            arrays = generate(name)
         seconds = time.perf_counter() - start
         for key, array in arrays.items():
             np.save(tmp / f"{key}.npy", array, allow_pickle=False)

@@ -99,28 +99,39 @@ def probe_tasks(spec: str = "builtin:all") -> list[tuple[str, str]]:
 def run(
     models: list[str], seed: int = 0, weights_dir: str | None = None, log: Any = print
 ) -> list[dict[str, Any]]:
-    from .run import sincos_pos_embed_
+    from peftvision.ui import progress_bar
 
     rows = []
-    for name in models:
-        nets = {"random": make_model(name, False, seed)}
-        sincos = make_model(name, False, seed)
-        if sincos_pos_embed_(sincos):
-            nets["random_sincos"] = sincos
-        nets["pretrained"] = make_model(name, True, seed, weights_dir)
-        for task, group in probe_tasks():
-            t0 = time.time()
-            images, subsets = task_images(task, nets["pretrained"], seed)
-            row: dict[str, Any] = dict(model=name, task=task, group=group)
-            for kind, net in nets.items():
-                feats = {s: (extract_features(net, x), y) for s, (x, y) in images.items()}
-                f, y = feats["train800val200"]
-                feats.update({s: (f[i], y[i]) for s, i in subsets.items()})
-                row[kind] = probe(feats)
-            row["gain"] = row["pretrained"]["test"] - row["random"]["test"]
-            log(f"{name} {task}: random {row['random']['test']:.3f} pretrained {row['pretrained']['test']:.3f} "
-                f"({time.time() - t0:.0f}s)")
-            rows.append(row)
+    with progress_bar("linear probes (model x task)", len(models) * len(probe_tasks())) as tick:
+        for name in models:
+            rows += _probe_model(name, seed, weights_dir, log, tick)
+    return rows
+
+
+def _probe_model(name: str, seed: int, weights_dir: str | None, log: Any, tick: Any) -> list[dict[str, Any]]:
+    """Every built-in task on one model: random init (and sin-cos positions) against the shipped weights."""
+    from .run import sincos_pos_embed_
+
+    nets = {"random": make_model(name, False, seed)}
+    sincos = make_model(name, False, seed)
+    if sincos_pos_embed_(sincos):
+        nets["random_sincos"] = sincos
+    nets["pretrained"] = make_model(name, True, seed, weights_dir)
+    rows = []
+    for task, group in probe_tasks():
+        t0 = time.time()
+        images, subsets = task_images(task, nets["pretrained"], seed)
+        row: dict[str, Any] = dict(model=name, task=task, group=group)
+        for kind, net in nets.items():
+            feats = {s: (extract_features(net, x), y) for s, (x, y) in images.items()}
+            f, y = feats["train800val200"]
+            feats.update({s: (f[i], y[i]) for s, i in subsets.items()})
+            row[kind] = probe(feats)
+        row["gain"] = row["pretrained"]["test"] - row["random"]["test"]
+        log(f"{name} {task}: random {row['random']['test']:.3f} pretrained {row['pretrained']['test']:.3f} "
+            f"({time.time() - t0:.0f}s)")
+        rows.append(row)
+        tick()
     return rows
 
 
