@@ -26,6 +26,7 @@ _API = {
     "merge": "peftvision.export",
     "save_merged": "peftvision.export",
     "export_peft": "peftvision.export",
+    "write_card": "peftvision.card",
     "MultiAdapterModel": "peftvision.multi",
     "create_app": "peftvision.serve",
     "create_model": "peftvision.backbone",

@@ -317,10 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .card import quoting
+
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], Any] = args.func
     try:
-        func(args)
+        with quoting(sys.argv[1:] if argv is None else argv):  # a run's model card gives its command line
+            func(args)
     except PeftVisionError as e:
         print(f"peftvision {args.command}: error: {e}", file=sys.stderr)
         return 2

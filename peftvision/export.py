@@ -20,7 +20,7 @@ from . import __version__
 from .backbone import ModelSpec, architecture_signature, create_model, describe, model_spec, weights_fingerprint
 from .errors import AdapterFileError, ConfigError, PeftVisionError
 from .files import atomic_write_text, load_tensors, save_tensors
-from .freeze import PeftState, get_state, remove_eval_hook, unwrap
+from .freeze import PeftState, get_state, param_report, remove_eval_hook, unwrap
 from .injection import inject
 from .methods import config_to_dict, get_method
 
@@ -75,12 +75,17 @@ def adapter_config(model: nn.Module, class_names: list[str] | None = None) -> di
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, class_names: list[str] | None = None) -> Path:
-    """Write `adapter.safetensors` (the method's tensors + head) and `adapter_config.json` to `directory`."""
+    """Write `adapter.safetensors` (the method's tensors + head), `adapter_config.json` and a model
+    card (`README.md`, unless the directory holds a hand-written one) to `directory`."""
+    from .card import write_card
+
     config = adapter_config(model, class_names)
     params = dict(unwrap(model).named_parameters())
     directory = Path(directory)
     save_tensors({n: params[n] for n in config["tensors"]}, directory / WEIGHTS_NAME, {"format": FORMAT})
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    report = param_report(model)
+    write_card(directory, params=(report.trainable, report.total))
     return directory
 
 
