@@ -26,6 +26,8 @@ _API = {
     "merge": "peftvision.export",
     "save_merged": "peftvision.export",
     "export_peft": "peftvision.export",
+    "push": "peftvision.hub",
+    "resolve_adapter": "peftvision.hub",
     "write_card": "peftvision.card",
     "MultiAdapterModel": "peftvision.multi",
     "create_app": "peftvision.serve",
