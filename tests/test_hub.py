@@ -14,7 +14,7 @@ import peftvision as pv
 from peftvision.card import CARD_NAME, MARKER, finetune_command
 from peftvision.cli import main
 from peftvision.config import TrainConfig
-from peftvision.errors import AdapterFileError, PeftVisionError
+from peftvision.errors import AdapterFileError
 
 from conftest import BACKBONES, make_input, randomize_trainable
 
