@@ -197,6 +197,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_push(args: argparse.Namespace) -> None:
+    """Upload an adapter directory, with its model card, to a Hugging Face Hub model repo."""
+    from .hub import push
+
+    url = push(args.adapter, args.repo, private=args.private, revision=args.revision, commit_message=args.commit_message)
+    at = f"@{args.revision}" if args.revision else ""
+    print(f"pushed to {url}")
+    print(f"load it with --adapter hf:{args.repo}{at} (any command), or peftvision.load_adapter")
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -207,8 +217,11 @@ def _human_bytes(n: float) -> str:
 
 # ----------------------------------------------------------------------------- parser
 
+ADAPTER_HELP = "adapter directory (adapter_config.json + adapter.safetensors), or hf:USER/NAME[@REVISION] on the hub"
+
+
 def _adapter_source(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + adapter.safetensors)")
+    p.add_argument("--adapter", required=True, help=ADAPTER_HELP)
     p.add_argument("--checkpoint", help="local weights file for the base model (default: download from the hub)")
     p.add_argument("--ignore-fingerprint", action="store_true", help="accept base weights other than the adapter's")
 
@@ -271,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     # no defaults formatter: most defaults here are "decided from the model", which it would print as None
     p = sub.add_parser("explain", help="heat maps of where a model looks (attention, rollout, Grad-CAM)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--adapter", help="adapter directory (adapter_config.json + adapter.safetensors)")
+    p.add_argument("--adapter", help=ADAPTER_HELP)
     p.add_argument("--model", help="a plain timm model instead of an adapter (e.g. with a merged --checkpoint)")
     p.add_argument("--checkpoint", help="local weights: the adapter's base, or --model's complete weights")
     p.add_argument("--num-classes", type=int, help="--model's head size (default: the checkpoint's)")
@@ -308,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="serve many adapters over one backbone over HTTP", formatter_class=fmt)
-    p.add_argument("--adapter", action="append", metavar="NAME=DIR", help="an adapter to serve as NAME (repeatable)")
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                   help="an adapter to serve as NAME, DIR a directory or hf:USER/NAME[@REVISION] (repeatable)")
     p.add_argument("--adapters-dir", metavar="DIR", help="serve every adapter folder directly inside DIR, named by its folder")
     p.add_argument("--checkpoint", help="local weights file for the shared base model (none: download it from the hub)")
     p.add_argument("--ignore-fingerprint", action="store_true", help="accept adapters trained on other base weights")
@@ -318,14 +332,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
     p.add_argument("--max-image-mb", type=float, default=20.0, help="largest image file accepted (413 above)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("push", help="upload an adapter and its model card to the Hugging Face Hub")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory (a finetune run, or save_adapter)")
+    p.add_argument("--repo", required=True, metavar="USER/NAME", help="hub model repo (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", metavar="BRANCH", help="branch to push to (created if missing; default: main)")
+    p.add_argument("--commit-message", help="default: Upload METHOD adapter for MODEL")
+    p.set_defaults(func=cmd_push)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .card import quoting
+
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], Any] = args.func
     try:
-        func(args)
+        with quoting(sys.argv[1:] if argv is None else argv):  # a run's model card gives its command line
+            func(args)
     except PeftVisionError as e:
         print(f"peftvision {args.command}: error: {e}", file=sys.stderr)
         return 2

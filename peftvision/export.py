@@ -20,7 +20,8 @@ from . import __version__
 from .backbone import ModelSpec, architecture_signature, create_model, describe, model_spec, weights_fingerprint
 from .errors import AdapterFileError, ConfigError, PeftVisionError
 from .files import atomic_write_text, load_tensors, save_tensors
-from .freeze import PeftState, get_state, remove_eval_hook, unwrap
+from .freeze import PeftState, get_state, param_report, remove_eval_hook, unwrap
+from .hub import resolve_adapter
 from .injection import inject
 from .methods import config_to_dict, get_method
 
@@ -75,20 +76,26 @@ def adapter_config(model: nn.Module, class_names: list[str] | None = None) -> di
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, class_names: list[str] | None = None) -> Path:
-    """Write `adapter.safetensors` (the method's tensors + head) and `adapter_config.json` to `directory`."""
+    """Write `adapter.safetensors` (the method's tensors + head), `adapter_config.json` and a model
+    card (`README.md`, unless the directory holds a hand-written one) to `directory`."""
+    from .card import write_card
+
     config = adapter_config(model, class_names)
     params = dict(unwrap(model).named_parameters())
     directory = Path(directory)
     save_tensors({n: params[n] for n in config["tensors"]}, directory / WEIGHTS_NAME, {"format": FORMAT})
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    report = param_report(model)
+    write_card(directory, params=(report.trainable, report.total))
     return directory
 
 
 # ----------------------------------------------------------------------------- load
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
-    path = Path(directory) / CONFIG_NAME
-    if not Path(directory).is_dir():
+    """The checked `adapter_config.json` of a directory or of a hub adapter (`hf:USER/NAME[@REVISION]`)."""
+    path = resolve_adapter(directory) / CONFIG_NAME
+    if not path.parent.is_dir():
         raise AdapterFileError(f"adapter directory not found: {directory}")
     if not path.is_file():
         raise AdapterFileError(f"{directory} has no {CONFIG_NAME}: is it a directory written by save_adapter / finetune?")
@@ -116,14 +123,15 @@ def load_adapter(
     """Rebuild the base model, inject the method and load the adapter's tensors.
 
     Args:
-        directory: a directory written by `save_adapter`.
+        directory: a directory written by `save_adapter`, or `hf:USER/NAME[@REVISION]` on the hub.
         model: a base timm model to put the adapter on, instead of building one with timm.
         checkpoint: a local weights file for the base (instead of downloading it from the hub).
         pretrained: build the base with pretrained weights (False only for tests / full fine-tuning).
         ignore_fingerprint: accept base weights that differ from those the adapter was trained on.
     """
-    config = read_adapter_config(directory)
-    tensors = load_tensors(Path(directory) / WEIGHTS_NAME)  # validate the file before any heavy work
+    local = resolve_adapter(directory)
+    config = read_adapter_config(local)
+    tensors = load_tensors(local / WEIGHTS_NAME)  # validate the file before any heavy work
     method = get_method(config["method"])
     info = config["model"]
     if model is None:

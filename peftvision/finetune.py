@@ -184,6 +184,9 @@ def _run(
         write_json(output / "metrics.json", metrics)
         write_history(output / "history.csv", loop.history)
         plot_curves(output / "curves.png", loop.history, f"{cfg.method} on {cfg.dataset} ({cfg.model})")
+        from .card import finetune_command, write_card
+
+        write_card(output, metrics=metrics, command=finetune_command(cfg))  # README.md, now with the results
         if not cfg.quiet:
             print_summary(metrics, output)
     log("done", **metrics)

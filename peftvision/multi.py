@@ -22,7 +22,6 @@ import itertools
 import os
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -33,6 +32,7 @@ from .backbone import architecture_signature, create_model, describe, load_model
 from .data import input_size
 from .errors import AdapterExistsError, AdapterFileError, BaseMismatchError, ConfigError, PeftVisionError, UnknownAdapterError
 from .export import WEIGHTS_NAME, load_adapter, read_adapter_config
+from .hub import resolve_adapter
 from .freeze import get_state, param_report, unwrap
 from .methods import get_method
 from .methods._parts import Affine, Bias, Bottleneck, LowRank, OwnModel, Part, Prompts
@@ -175,7 +175,8 @@ class MultiAdapterModel(nn.Module):
 
     Args:
         base_model: the plain timm model every adapter was trained on (not modified).
-        adapters: {name: adapter directory} to load now; more can be added with `add_adapter`.
+        adapters: {name: adapter directory or hub adapter `hf:USER/NAME[@REVISION]`} to load now; more can
+            be added with `add_adapter`.
         ignore_fingerprint: accept adapters trained on other weights of the same architecture.
     """
 
@@ -298,7 +299,8 @@ class MultiAdapterModel(nn.Module):
             )
 
     def _load(self, name: str, directory: str | os.PathLike) -> AdapterInfo:
-        config = read_adapter_config(directory)
+        local = resolve_adapter(directory)  # a hub adapter (hf:USER/NAME) downloads once, here
+        config = read_adapter_config(local)
         self._check_base(name, directory, config)
         method = get_method(config["method"])
         num_classes = config["model"].get("num_classes")
@@ -313,7 +315,7 @@ class MultiAdapterModel(nn.Module):
             self._install()
         if num_classes is not None:
             shell.reset_classifier(num_classes)
-        model = load_adapter(directory, model=shell.to(self._ref.device), ignore_fingerprint=True).eval()
+        model = load_adapter(local, model=shell.to(self._ref.device), ignore_fingerprint=True).eval()
         state = get_state(model)
         parts = method.serve_parts(model, describe(model), state.config)
         params = dict(model.named_parameters())
@@ -329,7 +331,7 @@ class MultiAdapterModel(nn.Module):
             name=name, directory=str(directory), method=state.method, num_classes=int(model.num_classes),
             classes=list(state.class_names) if state.class_names else [str(i) for i in range(model.num_classes)],
             trainable_params=param_report(model).trainable,
-            adapter_bytes=(Path(directory) / WEIGHTS_NAME).stat().st_size, resize=state.resize or "crop",
+            adapter_bytes=(local / WEIGHTS_NAME).stat().st_size, resize=state.resize or "crop",
             parts=parts, head=head, route=route,
         )
 

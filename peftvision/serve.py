@@ -41,12 +41,13 @@ def _status(e: PeftVisionError) -> int:
 
 
 def find_adapters(pairs: list[str] | None, directory: str | None) -> dict[str, str]:
-    """{name: dir} from `NAME=DIR` flags and from every adapter folder directly inside `directory`."""
+    """{name: source} from `NAME=DIR` / `NAME=hf:USER/NAME[@REVISION]` flags (split on the first '=': a hub
+    source has none) and from every adapter folder directly inside `directory`."""
     adapters: dict[str, str] = {}
     for pair in pairs or []:
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
-            raise ConfigError(f"--adapter takes NAME=DIR, got {pair!r}")
+            raise ConfigError(f"--adapter takes NAME=DIR or NAME=hf:USER/NAME, got {pair!r}")
         adapters[name] = path
     if directory is not None:
         root = Path(directory)

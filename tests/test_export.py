@@ -284,4 +284,4 @@ def test_saves_are_atomic(tmp_path, base_checkpoint, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         pv.save_adapter(model, out)
     assert (out / "adapter.safetensors").read_bytes() == before
-    assert sorted(os.listdir(out)) == ["adapter.safetensors", "adapter_config.json"]  # no temp file left
+    assert sorted(os.listdir(out)) == ["README.md", "adapter.safetensors", "adapter_config.json"]  # no temp file left
