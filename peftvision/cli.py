@@ -54,12 +54,21 @@ def cmd_merge(args: argparse.Namespace) -> None:
     model = load_adapter(args.adapter, checkpoint=args.checkpoint, ignore_fingerprint=args.ignore_fingerprint)
     path = save_merged(model, args.output)
     spec = model_spec(model)
-    kwargs = "".join(f", {k}={v!r}" for k, v in spec.kwargs.items())
-    print(
-        f"wrote {path}: load it with timm.create_model({spec.name.split('.')[0]!r}, "
-        f"num_classes={model.num_classes}{kwargs}, checkpoint_path={str(path)!r}); preprocess as in training "
-        f"with timm.data.create_transform(**{preprocessing(model)!r})"
-    )
+    create = [repr(spec.name.split(".")[0]), f"num_classes={model.num_classes}",
+              *(f"{k}={v!r}" for k, v in spec.kwargs.items()), f"checkpoint_path={str(path)!r}"]
+    transform = [f"{k}={v!r}" for k, v in preprocessing(model).items()]
+    print(f"wrote {path}: a plain timm checkpoint; load it and preprocess as in training with")
+    print(_call("  model = timm.create_model", create))
+    print(_call("  transform = timm.data.create_transform", transform))
+
+
+def _call(head: str, args: list[str], width: int = 100) -> str:
+    """`head(a, b, ...)` as Python source, wrapped under the open parenthesis to fit `width` columns."""
+    import textwrap
+
+    indent = " " * (len(head) + 1)
+    return textwrap.fill(", ".join(args) + ")", width=width, initial_indent=head + "(", subsequent_indent=indent,
+                         break_long_words=False, break_on_hyphens=False)
 
 
 def cmd_export(args: argparse.Namespace) -> None:

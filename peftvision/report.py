@@ -206,20 +206,29 @@ def summary_markdown(summary: dict[str, Any], title: str) -> str:
     return "\n".join(lines + ["", NOTE.replace("marked", "in **bold**")]) + "\n"
 
 
-def print_table(summary: dict[str, Any], title: str) -> None:
-    """The same table in the terminal; wide, because a comparison has many columns."""
+def print_table(summary: dict[str, Any], title: str, width: int = 100) -> None:
+    """The same table in the terminal, within `width` columns: when every column does not fit, the
+    per-task and cost columns stay in summary.md and the terminal shows the means and the size."""
+    from rich.console import Console
     from rich.table import Table
 
-    from .ui import print_wide
-
     cols, rows = table_cells(summary)
-    table = Table(title=title, caption=NOTE.replace("marked", "in green"))
-    table.add_column("method", no_wrap=True)
-    for c in cols:
-        table.add_column(c, justify="right", no_wrap=True)
-    for m, cells in rows:
-        table.add_row(m, *(f"[bold green]{t}[/]" if b else t for t, b in cells))
-    print_wide(table)
+
+    def build(keep: list[int], caption: str) -> Table:
+        table = Table(title=title, caption=caption)
+        table.add_column("method", no_wrap=True)
+        for i in keep:
+            table.add_column(cols[i], justify="right", no_wrap=True)
+        for m, cells in rows:
+            table.add_row(m, *(f"[bold green]{t}[/]" if b else t for t, b in (cells[i] for i in keep)))
+        return table
+
+    console = Console(width=width)
+    table = build(list(range(len(cols))), NOTE.replace("marked", "in green"))
+    if console.measure(table, options=console.options.update_width(10_000)).maximum > width:
+        compact = [i for i, c in enumerate(cols) if c.endswith("mean") or c.startswith("mean of") or c in ("params %", "adapter")]
+        table = build(compact, NOTE.replace("marked", "in green") + " Per-task and cost columns: summary.md.")
+    console.print(table)
 
 
 def plot(summary: dict[str, Any], root: Path) -> None:

@@ -92,3 +92,36 @@ def test_api_functions_are_not_hidden_by_their_modules():
     for name in ("finetune", "explain"):
         module = importlib.import_module(f"peftvision.{name}")
         assert getattr(pv, name) is getattr(module, name) and callable(getattr(pv, name))
+
+
+def test_every_command_output_fits_100_columns(tmp_path, capsys, monkeypatch, backbone_checkpoint):
+    """What each command prints at the end (tables, paths, how-to lines) fits 100 columns, with the
+    short relative paths people type."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PEFTVISION_CACHE", str(tmp_path / "cache"))
+    ckpt = ["--checkpoint", backbone_checkpoint]
+    fast = ["--model", "pv_vit_tiny_32", *ckpt, "--epochs", "1", "--batch-size", "100", "--num-workers", "0",
+            "--max-test", "100"]
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(f"photo{i}.png")
+    commands = {
+        "finetune": ["finetune", "--method", "lora", "--dataset", "builtin:digits", "--output", "run", *fast],
+        "info": ["info", "--model", "vit_base_patch16_224"],
+        "eval": ["eval", "--adapter", "run", *ckpt, "--dataset", "builtin:digits", "--num-workers", "0"],
+        "predict": ["predict", "--adapter", "run", *ckpt, "photo0.png", "photo1.png"],
+        "merge": ["merge", "--adapter", "run", *ckpt, "--output", "merged.safetensors"],
+        "export": ["export", "--adapter", "run", *ckpt, "--output", "peft"],
+        "explain": ["explain", "--adapter", "run", *ckpt, "--output", "maps", "photo0.png"],
+        "compare": ["compare", "--methods", "linear", "--tasks", "builtin:digits", "--epochs", "1", "--max-test", "100",
+                    "--model", "pv_vit_tiny_32", *ckpt, "--output", "cmp"],
+    }
+    for name, argv in commands.items():
+        assert main(argv) == 0, name
+        out = capsys.readouterr()
+        lines = (out.out + out.err).splitlines()
+        assert lines, name
+        too_long = [line for line in lines if len(line) > 100]
+        assert not too_long, (name, too_long)
