@@ -62,18 +62,38 @@ def resolve_adapter(source: str | os.PathLike) -> Path:
     return path
 
 
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Connection failures of whichever HTTP client this huggingface_hub uses (httpx2 in 2.x, httpx or
+    requests before), so the message is right on every supported version."""
+    errors: list[type[BaseException]] = []
+    for module, names in (("httpx2", ("ConnectError", "TimeoutException")), ("httpx", ("ConnectError", "TimeoutException")),
+                          ("requests", ("ConnectionError", "Timeout"))):
+        try:
+            imported = __import__(module)
+        except ImportError:
+            continue
+        errors += [getattr(imported, n) for n in names if hasattr(imported, n)]
+    return tuple(errors)
+
+
+def _hub_errors(*names: str) -> tuple[type[BaseException], ...]:
+    """huggingface_hub's error classes of these names that this version has (some are recent)."""
+    from huggingface_hub import errors
+
+    return tuple(getattr(errors, n) for n in names if hasattr(errors, n))
+
+
 def _download_error(source: str, repo: str, revision: str | None, e: Exception) -> PeftVisionError:
-    import httpx2
     from huggingface_hub.errors import (
-        GatedRepoError, HfHubHTTPError, HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError,
-        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError,
+        GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     login = "log in with `hf auth login` or set HF_TOKEN"
     if isinstance(e, HFValidationError):
         return AdapterFileError(f"bad hub adapter {source!r}: {_first_line(e)}")
-    if isinstance(e, (LocalEntryNotFoundError, IncompleteSnapshotError, OfflineModeIsEnabled,
-                      httpx2.ConnectError, httpx2.TimeoutException)):
+    offline = (LocalEntryNotFoundError, *_hub_errors("IncompleteSnapshotError", "OfflineModeIsEnabled"), *_network_errors())
+    if isinstance(e, offline):
         rev = f" --revision {revision}" if revision else ""
         return AdapterFileError(
             f"{source} is not in the local hub cache and the hub is unreachable (offline / HF_HUB_OFFLINE=1): "
@@ -158,14 +178,13 @@ def push(
 
 
 def _push_error(repo: str, e: Exception) -> PeftVisionError:
-    import httpx2
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
-    if isinstance(e, LocalTokenNotFoundError) or (isinstance(e, HfHubHTTPError) and _status(e) == 401):
+    if isinstance(e, _hub_errors("LocalTokenNotFoundError")) or (isinstance(e, HfHubHTTPError) and _status(e) == 401):
         return PeftVisionError("not logged in to the Hugging Face Hub (or the token is invalid): run `hf auth login`")
     if isinstance(e, HfHubHTTPError) and _status(e) == 403:
         return PeftVisionError(f"your token may not write to {repo}: use a write token, or a repo of your own")
-    if isinstance(e, (OfflineModeIsEnabled, httpx2.ConnectError, httpx2.TimeoutException)):
+    if isinstance(e, (*_hub_errors("OfflineModeIsEnabled"), *_network_errors())):
         return PeftVisionError(f"the hub is unreachable (offline?): cannot push to {repo}")
     if isinstance(e, HFValidationError):
         return ConfigError(f"bad hub repo name {repo!r}: {_first_line(e)}")
