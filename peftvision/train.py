@@ -66,7 +66,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
 
     base = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
     return CosineLRScheduler(
-        optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=0.0, warmup_t=warmup_steps,
+        optimizer, t_initial=max(2, total_steps - warmup_steps),  # 1 warns; same lrs for the steps run
+        lr_min=0.0, warmup_t=warmup_steps,
         warmup_lr_init=base / warmup_steps if warmup_steps else 0.0, warmup_prefix=True, t_in_epochs=False,
     )
 
