@@ -195,7 +195,8 @@ class RunsProgress:
 
 
 def _run_line(row: dict[str, Any], i: int, n: int) -> str:
-    what = f"[{i}/{n}] {row['kind']} {row['method']} on {row['task']} (seed {row['seed']}, lr {row['lr']:g})"
+    wd = f", wd {row['weight_decay']:g}" if row["kind"] == "search" else ""  # grid points differ by it too
+    what = f"[{i}/{n}] {row['kind']} {row['method']} on {row['task']} (seed {row['seed']}, lr {row['lr']:g}{wd})"
     what = _escape(what)  # task specs are paths: text, not rich markup
     if row["status"] == "failed":
         return f"{what}: [red]failed[/red]: {_escape(row.get('error') or '')}"
