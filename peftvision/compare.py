@@ -5,6 +5,10 @@ grid by training on train800 and validating on val200; then train on train800val
 on test. Every (method, task, seed) is an ordinary `finetune` run directory under `runs/`, so any
 result can be inspected, evaluated, merged or exported. Running the same comparison again skips
 finished runs and resumes interrupted ones; a failing run is recorded and the others go on.
+
+How runs execute is an engine's business, behind `_execute` (jobs in, rows out, the progress told as
+each run finishes): the local one here (this process or `workers` processes), or Ray's in
+`ray_engine.py`. Both call `run_job`, which is what makes the guarantees above hold for either.
 """
 
 from __future__ import annotations

@@ -33,6 +33,8 @@ from .ui import RunsProgress
 
 MARKER = ".peftvision-ray-marker"
 RETRIES = 3  # a task whose worker process died is run again, resuming from its checkpoint
+_MODE_TEXT = {"shared": "wrote their files in place (shared filesystem)",
+              "return": "sent their files back to the driver (no shared filesystem)"}
 
 
 def import_ray() -> Any:
@@ -51,24 +53,28 @@ def execute(jobs: list[Job], cc: CompareConfig, progress: RunsProgress, then: Th
     root = Path(cc.output).resolve()
     token = secrets.token_hex(16)
     marker = root / MARKER
-    marker.write_text(token)
     refs: dict[Any, Job] = {}
     try:
+        marker.write_text(token)
         cpus, gpus = _resources(ray, cc)
         progress.slots = _slots(ray, cpus, gpus)
         progress.note(f"ray: {progress.slots} run(s) at a time, each {cpus:g} CPU(s) and {gpus:g} GPU(s)")
         remote = ray.remote(_run_remote).options(num_cpus=cpus, num_gpus=gpus, max_retries=RETRIES)
         threads = max(1, int(cpus))
         cc_abs = _absolute(cc)
-        rows, modes = _loop(ray, jobs, cc_abs, progress, then, refs, lambda job: remote.remote(
-            _absolute_job(job), cc_abs, threads, str(marker), token, cc.ray_files))
-        progress.note("ray: " + ", ".join(f"{n} run(s) {_MODE_TEXT[m]}" for m, n in modes.items()) if modes else
-                      "ray: every run was already finished")
+
+        def submit(job: Job) -> Any:
+            return remote.remote(_absolute_job(job), cc_abs, threads, str(marker), token, cc.ray_files)
+
+        rows, modes = _loop(ray, jobs, cc_abs, progress, then, refs, submit)
+        summary = ", ".join(f"{n} run(s) {_MODE_TEXT[m]}" for m, n in modes.items())
+        progress.note(f"ray: {summary or 'every run was already finished'}")
         return rows
     except KeyboardInterrupt:
         for ref in refs:
             ray.cancel(ref)  # running tasks get KeyboardInterrupt: they stop with their checkpoint intact
-        ray.wait(list(refs), num_returns=len(refs), timeout=10)
+        if refs:
+            ray.wait(list(refs), num_returns=len(refs), timeout=10)
         raise
     finally:
         marker.unlink(missing_ok=True)
@@ -76,14 +82,10 @@ def execute(jobs: list[Job], cc: CompareConfig, progress: RunsProgress, then: Th
             ray.shutdown()
 
 
-_MODE_TEXT = {"shared": "wrote their files in place (shared filesystem)",
-              "return": "sent their files back to the driver (no shared filesystem)"}
-
-
 def _loop(ray: Any, jobs: list[Job], cc: CompareConfig, progress: RunsProgress, then: Then,
           refs: dict[Any, Job], submit: Any) -> tuple[list[dict[str, Any]], Counter]:
     """Keep the cluster fed: runs already finished are read here, the others submitted; each row that
-    comes back may unlock more jobs (`then`)."""
+    comes back may unlock more jobs (`then`). `refs` (in flight) is the caller's, to cancel on Ctrl-C."""
     rows: list[dict[str, Any]] = []
     modes: Counter = Counter()
     queue = deque(jobs)
