@@ -194,13 +194,28 @@ def _connect(ray: Any, cc: CompareConfig) -> bool:
         ray.init(num_cpus=os.cpu_count() or 1, object_store_memory=200 * 2**20,
                  runtime_env={"env_vars": {"PYTHONPATH": path}}, **quiet)
         return True
+    where = cc.ray_address or os.environ.get("RAY_ADDRESS", "")
+    _reachable(where)
     try:
         ray.init(address=cc.ray_address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        where = cc.ray_address or os.environ.get("RAY_ADDRESS")
         raise ConfigError(f"cannot connect to Ray at {where} ({str(e).splitlines()[0]}); "
                           f"start a cluster with `ray start --head` or leave out --ray-address") from None
     return True
+
+
+def _reachable(address: str) -> None:
+    """A HOST:PORT nobody listens on fails here in seconds: Ray itself retries it for minutes."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", a ray:// client address: Ray's own error is quick enough
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise ConfigError(f"no Ray cluster at {address} ({e.strerror or e}); start one with `ray start --head` "
+                          f"and pass the address it prints, or leave out --ray-address") from None
 
 
 def _resources(ray: Any, cc: CompareConfig) -> tuple[float, float]:

@@ -142,7 +142,11 @@ class RunsProgress:
         import time
 
         self._start = time.monotonic()
-        if self.enabled:
+        return self
+
+    def _live(self) -> Any:
+        """The rich line, shown from the first news on: an engine that fails to start leaves one error line."""
+        if self._progress is None and self.enabled:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
             from rich.progress import Progress as RichProgress
@@ -154,8 +158,7 @@ class RunsProgress:
             )
             self._progress.__enter__()
             self._task = self._progress.add_task("", total=self.total, state="", eta="-")
-            self._refresh()
-        return self
+        return self._progress
 
     def __exit__(self, *exc: Any) -> None:
         if self._progress is not None:
@@ -176,11 +179,11 @@ class RunsProgress:
 
     def note(self, text: str, markup: bool = False) -> None:
         """A line above the live one (the engine's own news: cluster, file mode)."""
-        if self._progress is not None:
+        if self._live() is not None:
             self._progress.console.print(text, soft_wrap=True, markup=markup, highlight=False)
 
     def _refresh(self) -> None:
-        if self._progress is None:
+        if self._live() is None:
             return
         import time
 

@@ -116,3 +116,12 @@ def test_a_missing_ray_is_one_line(monkeypatch, tmp_path, capsys):
 def test_engine_flags_are_checked(tmp_path, capsys):
     assert main(["compare", "--run-cpus", "2", "--methods", "lora", "--tasks", TASKS, "--output", str(tmp_path)]) == 2
     assert "--run-cpus only apply to --engine ray" in capsys.readouterr().err
+
+
+def test_an_address_nobody_listens_on_fails_fast():
+    from peftvision.errors import ConfigError
+    from peftvision.ray_engine import _reachable
+
+    with pytest.raises(ConfigError, match="no Ray cluster at 127.0.0.1:1"):
+        _reachable("127.0.0.1:1")  # Ray's own ray.init would retry it for minutes
+    _reachable("auto")  # left to Ray, whose "no running instance" error is immediate
