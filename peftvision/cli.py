@@ -189,7 +189,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), tasks=args.tasks,
         model=args.model or "", checkpoint=args.checkpoint, seeds=args.seeds, output=args.output,
         workers=args.workers, search=args.search, epochs=args.epochs, batch_size=args.batch_size,
-        max_test=args.max_test, quiet=args.quiet, report_to=args.report_to,
+        max_test=args.max_test, quiet=args.quiet, report_to=args.report_to, engine=args.engine,
+        ray_address=args.ray_address, run_cpus=args.run_cpus, run_gpus=args.run_gpus, ray_files=args.ray_files,
     )
     compare(cc)
     print(f"results in {cc.output}: results.csv, results.json, summary.md, accuracy_vs_params.png, per_task.png")
@@ -273,6 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-to", default=c.report_to, choices=REPORT_TO,
                    help="experiment tracker: one run per (method, task, seed), tagged with them")
     p.add_argument("--quiet", action="store_true")
+    from .compare import ENGINES, RAY_FILES
+
+    p.add_argument("--engine", choices=ENGINES, default=c.engine,
+                   help="local: --workers processes on this machine; ray: one Ray task per run (pip install 'peftvision[ray]')")
+    p.add_argument("--ray-address", help="a running Ray cluster: auto, or HOST:PORT (unset: start one on this machine)")
+    p.add_argument("--run-cpus", type=float, help="CPUs per Ray run, also its torch threads (unset: 1; with GPUs, a GPU's share of its node)")
+    p.add_argument("--run-gpus", type=float, help="GPUs per Ray run (unset: 1 if the cluster has GPUs, else 0)")
+    p.add_argument("--ray-files", choices=RAY_FILES, default=c.ray_files,
+                   help="shared: workers write the run directories; return: they send them back; auto: each run checks")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="accuracy of an adapter on a dataset split", formatter_class=fmt)

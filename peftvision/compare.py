@@ -5,6 +5,10 @@ grid by training on train800 and validating on val200; then train on train800val
 on test. Every (method, task, seed) is an ordinary `finetune` run directory under `runs/`, so any
 result can be inspected, evaluated, merged or exported. Running the same comparison again skips
 finished runs and resumes interrupted ones; a failing run is recorded and the others go on.
+
+How runs execute is an engine's business, behind `_execute` (jobs in, rows out, the progress told as
+each run finishes): the local one here (this process or `workers` processes), or Ray's in
+`ray_engine.py`. Both call `run_job`, which is what makes the guarantees above hold for either.
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ import dataclasses
 import json
 import os
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections import Counter, deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .config import TrainConfig
 from .errors import ConfigError, Interrupted, PeftVisionError
+from .ui import RunsProgress
 
 LR_GRID = (1e-2, 3e-3, 1e-3, 1e-4)
 WD_GRID = (1e-4, 1e-2)
@@ -41,6 +47,36 @@ class CompareConfig:
     max_test: int | None = None
     quiet: bool = False
     report_to: str = "none"  # one tracker run per (method, task, seed), tagged with them
+    engine: str = "local"  # "local": this machine's processes (`workers`); "ray": one Ray task per run
+    ray_address: str | None = None  # None: start a local Ray cluster (or use the one already initialised)
+    run_cpus: float | None = None  # per Ray run, also its torch threads; None: 1 without GPUs, else a GPU's share
+    run_gpus: float | None = None  # per Ray run; None: 1 when the cluster has GPUs, else 0
+    ray_files: str = "auto"  # "shared": workers write the run directories; "return": sent back; "auto": per run
+
+
+ENGINES = ("local", "ray")
+RAY_FILES = ("auto", "shared", "return")
+
+
+def _check_engine(cc: CompareConfig) -> None:
+    """Flags of the other engine are an error rather than silently ignored; a missing Ray is one line."""
+    if cc.engine not in ENGINES:
+        raise ConfigError(f"unknown engine {cc.engine!r}; choose from: {', '.join(ENGINES)}")
+    given = {"--ray-address": cc.ray_address is not None, "--run-cpus": cc.run_cpus is not None,
+             "--run-gpus": cc.run_gpus is not None, "--ray-files": cc.ray_files != "auto"}
+    ray_flags = [flag for flag, on in given.items() if on]
+    if cc.engine == "local" and ray_flags:
+        raise ConfigError(f"{', '.join(ray_flags)} only apply to --engine ray")
+    if cc.engine == "ray":
+        if cc.workers != 1:
+            raise ConfigError("--workers is the local engine's; with --engine ray, --run-cpus sets each run's share")
+        if cc.ray_files not in RAY_FILES:
+            raise ConfigError(f"unknown --ray-files {cc.ray_files!r}; choose from: {', '.join(RAY_FILES)}")
+        if (cc.run_cpus is not None and cc.run_cpus <= 0) or (cc.run_gpus is not None and cc.run_gpus < 0):
+            raise ConfigError("--run-cpus must be > 0 and --run-gpus >= 0")
+        from .ray_engine import import_ray
+
+        import_ray()
 
 
 @dataclass
@@ -108,23 +144,50 @@ def run_job(job: Job, cc: CompareConfig, threads: int) -> dict[str, Any]:
     return row
 
 
-def _execute(jobs: list[Job], cc: CompareConfig, log: Any) -> list[dict[str, Any]]:
+Then = Callable[[dict[str, Any]], list[Job]]  # a finished row -> the jobs it unlocks (a grid's final runs)
+
+
+def _execute(jobs: list[Job], cc: CompareConfig, progress: RunsProgress, then: Then) -> list[dict[str, Any]]:
+    """Run `jobs` and whatever `then` adds as rows come back; rows in the order they finished."""
+    if cc.engine == "ray":
+        from .ray_engine import execute
+
+        return execute(jobs, cc, progress, then)
+    return _execute_local(jobs, cc, progress, then)
+
+
+def _execute_local(jobs: list[Job], cc: CompareConfig, progress: RunsProgress, then: Then) -> list[dict[str, Any]]:
+    """In this process, or in `cc.workers` processes splitting the cores between them."""
     threads = max(1, (os.cpu_count() or 1) // max(1, cc.workers))
+    progress.slots = cc.workers
     rows: list[dict[str, Any]] = []
     if cc.workers <= 1:
-        for i, job in enumerate(jobs, 1):
-            rows.append(run_job(job, cc, threads))
-            log(rows[-1], i, len(jobs))
+        queue = deque(jobs)
+        while queue:
+            progress.submitted()
+            rows.append(run_job(queue.popleft(), cc, threads))
+            progress.finished(rows[-1])
+            queue.extend(then(rows[-1]))
         return rows
     import multiprocessing as mp
 
     with ProcessPoolExecutor(max_workers=cc.workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(run_job, job, cc, threads) for job in jobs]
-        for i, fut in enumerate(as_completed(futures), 1):
-            rows.append(fut.result())
-            log(rows[-1], i, len(jobs))
-    by_output = {r["output"]: r for r in rows}
-    return [by_output[j.output] for j in jobs]
+        def submit(job: Job) -> Future:
+            progress.submitted()
+            return pool.submit(run_job, job, cc, threads)
+
+        pending = {submit(job) for job in jobs}
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    rows.append(fut.result())
+                    progress.finished(rows[-1])
+                    pending |= {submit(job) for job in then(rows[-1])}
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # queued runs never start; running ones stop resumably
+            raise
+    return rows
 
 
 def _search_jobs(cc: CompareConfig, tasks: list[str], root: Path) -> list[Job]:
@@ -149,7 +212,7 @@ def _pick(search_rows: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[floa
 def compare(cc: CompareConfig) -> dict[str, Any]:
     """Run the comparison and write results.csv/json, summary.md and the plots into `cc.output`."""
     from .data import list_tasks
-    from .methods import default_lr, list_methods
+    from .methods import list_methods
     from .weights import DEFAULT_MODEL
 
     cc = dataclasses.replace(cc, methods=tuple(cc.methods) or tuple(list_methods()))
@@ -158,41 +221,44 @@ def compare(cc: CompareConfig) -> dict[str, Any]:
         raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(list_methods())}")
     if cc.seeds < 1 or cc.workers < 1:
         raise ConfigError("--seeds and --workers must be >= 1")
+    _check_engine(cc)
     cc = dataclasses.replace(cc, model=cc.model or DEFAULT_MODEL)
     tasks = list_tasks(cc.tasks)
     root = Path(cc.output)
     root.mkdir(parents=True, exist_ok=True)
-    log = _progress_logger(cc)
 
-    chosen: dict[tuple[str, str], tuple[float, float]] = {}
-    if cc.search:
-        chosen = _pick(_execute(_search_jobs(cc, tasks, root), cc, log))
-    final = [
-        Job("final", m, t, s, *chosen.get((m, t), (default_lr(m, cc.model), TrainConfig.weight_decay)),
-            str(root / "runs" / _task_dir(t) / m / f"seed{s}"))
-        for t in tasks for m in cc.methods for s in range(cc.seeds)
-    ]
-    rows = _execute(final, cc, log)
+    first, then = _plan(cc, tasks, root)
+    order = {(t, m): i for i, (t, m) in enumerate((t, m) for t in tasks for m in cc.methods)}
+    total = len(first) + len(order) * cc.seeds if cc.search else len(first)
+    with RunsProgress(total, enabled=not cc.quiet) as progress:
+        rows = _execute(first, cc, progress, then)
+    final = sorted((r for r in rows if r["kind"] == "final"), key=lambda r: (order[r["task"], r["method"]], r["seed"]))
     from .report import write_report
 
-    return write_report(rows, cc, tasks, root)
+    return write_report(final, cc, tasks, root)
 
 
-def _progress_logger(cc: CompareConfig) -> Any:
-    from rich.console import Console
+def _plan(cc: CompareConfig, tasks: list[str], root: Path) -> tuple[list[Job], Then]:
+    """The jobs to start with, and what each finished row unlocks: with a search, a (method, task)'s
+    final runs start as soon as its own grid is done (no barrier waiting for every grid)."""
+    from .methods import default_lr
 
-    console = Console(stderr=True)
+    def finals(m: str, t: str, lr_wd: tuple[float, float] | None) -> list[Job]:
+        lr, wd = lr_wd or (default_lr(m, cc.model), TrainConfig.weight_decay)  # a grid that all failed: defaults
+        return [Job("final", m, t, s, lr, wd, str(root / "runs" / _task_dir(t) / m / f"seed{s}")) for s in range(cc.seeds)]
 
-    def log(row: dict[str, Any], i: int, n: int) -> None:
-        if cc.quiet:
-            return
-        what = f"[{i}/{n}] {row['kind']} {row['method']} on {row['task']} (seed {row['seed']}, lr {row['lr']:g})"
-        if row["status"] == "failed":
-            console.print(f"{what}: [red]failed[/red]: {row['error']}", soft_wrap=True)
-        else:
-            score = row.get("test_top1") if row["kind"] == "final" else row.get("best_val_top1")
-            label = "test" if row["kind"] == "final" else "val"
-            console.print(f"{what}: {row['status']}, {label} top-1 {score:.1f}%" if score is not None else f"{what}: {row['status']}",
-                          soft_wrap=True)  # one line per run, also in a log file
+    if not cc.search:
+        return [j for t in tasks for m in cc.methods for j in finals(m, t, None)], lambda row: []
+    grid = _search_jobs(cc, tasks, root)
+    left = Counter((j.method, j.task) for j in grid)
+    tried: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
-    return log
+    def then(row: dict[str, Any]) -> list[Job]:
+        if row["kind"] != "search":
+            return []
+        key = (row["method"], row["task"])
+        tried.setdefault(key, []).append(row)
+        left[key] -= 1
+        return [] if left[key] else finals(*key, _pick(tried[key]).get(key))
+
+    return grid, then

@@ -168,3 +168,94 @@ class GracefulInterrupt:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class RunsProgress:
+    """A comparison's live line (done / running / failed / ETA) over one printed line per finished run.
+
+    Engines report what they submit and what finishes; `slots` is how many runs can execute at once, so
+    runs beyond it count as queued rather than running. The ETA extrapolates from runs that actually
+    trained: skipped (already finished) runs complete instantly and would make it far too hopeful.
+    """
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self.total, self.enabled, self.slots = total, enabled, 1
+        self.done = self.failed = self.in_flight = self.trained = 0
+        self._progress: Any = None
+        self._task: Any = None
+        self._start = 0.0
+
+    def __enter__(self) -> "RunsProgress":
+        import time
+
+        self._start = time.monotonic()
+        return self
+
+    def _live(self) -> Any:
+        """The rich line, shown from the first news on: an engine that fails to start leaves one error line."""
+        if self._progress is None and self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as RichProgress
+
+            self._progress = RichProgress(
+                TextColumn("[bold]runs"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[state]}"),
+                TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"),
+                console=Console(stderr=True), transient=False,
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task("", total=self.total, state="", eta="-")
+        return self._progress
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def submitted(self) -> None:
+        self.in_flight += 1
+        self._refresh()
+
+    def finished(self, row: dict[str, Any], submitted: bool = True) -> None:
+        """`row` came back (from a submitted run, or found finished without submitting it)."""
+        self.done += 1
+        self.in_flight -= submitted
+        self.failed += row["status"] == "failed"
+        self.trained += row["status"] in ("ran", "resumed")
+        self.note(_run_line(row, self.done, self.total), markup=True)
+        self._refresh()
+
+    def note(self, text: str, markup: bool = False) -> None:
+        """A line above the live one (the engine's own news: cluster, file mode)."""
+        if self._live() is not None:
+            self._progress.console.print(text, soft_wrap=True, markup=markup, highlight=False)
+
+    def _refresh(self) -> None:
+        if self._live() is None:
+            return
+        import time
+
+        running = min(self.in_flight, self.slots)
+        state = f"{running} running, {self.in_flight - running} queued, {self.failed} failed"
+        eta = "-"
+        left = self.total - self.done
+        if self.trained and left:
+            seconds = (time.monotonic() - self._start) / self.trained * left
+            eta = f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+        self._progress.update(self._task, completed=self.done, state=state, eta=eta if left else "0:00")
+
+
+def _run_line(row: dict[str, Any], i: int, n: int) -> str:
+    wd = f", wd {row['weight_decay']:g}" if row["kind"] == "search" else ""  # grid points differ by it too
+    what = f"[{i}/{n}] {row['kind']} {row['method']} on {row['task']} (seed {row['seed']}, lr {row['lr']:g}{wd})"
+    what = _escape(what)  # task specs are paths: text, not rich markup
+    if row["status"] == "failed":
+        return f"{what}: [red]failed[/red]: {_escape(row.get('error') or '')}"
+    score = row.get("test_top1") if row["kind"] == "final" else row.get("best_val_top1")
+    label = "test" if row["kind"] == "final" else "val"
+    return f"{what}: {row['status']}, {label} top-1 {score:.1f}%" if score is not None else f"{what}: {row['status']}"
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)

@@ -91,3 +91,20 @@ def test_load_rows_closes_its_file(tmp_path):
         assert load_rows(tmp_path / "results.csv") == [{"method": "lora", "test_top1": 81.5}]
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def test_search_unlocks_each_grids_final_runs_as_soon_as_it_is_done(tmp_path):
+    from peftvision.compare import LR_GRID, WD_GRID, CompareConfig, _plan
+
+    cc = CompareConfig(methods=("linear", "lora"), model="pv_vit_tiny_32", search=True, seeds=2)
+    grid, then = _plan(cc, ["builtin:digits", "builtin:shape_loc"], tmp_path)
+    assert len(grid) == 2 * 2 * len(LR_GRID) * len(WD_GRID) and {j.kind for j in grid} == {"search"}
+    lora_digits = [j for j in grid if (j.method, j.task) == ("lora", "builtin:digits")]
+    row = lambda j, top1: {"kind": j.kind, "method": j.method, "task": j.task, "lr": j.lr,  # noqa: E731
+                           "weight_decay": j.weight_decay, "status": "ran", "best_val_top1": top1}
+    for i, job in enumerate(lora_digits[:-1]):  # other grids may still be running
+        assert then(row(job, 50.0 + (i == 2))) == []
+    finals = then(row(lora_digits[-1], 10.0))
+    assert [(j.kind, j.method, j.task, j.seed) for j in finals] == [("final", "lora", "builtin:digits", s) for s in (0, 1)]
+    assert {(j.lr, j.weight_decay) for j in finals} == {(lora_digits[2].lr, lora_digits[2].weight_decay)}
+    assert then({**row(finals[0], 60.0), "kind": "final"}) == []
