@@ -41,7 +41,7 @@ class CompareConfig:
     output: str = "runs/compare"
     workers: int = 1
     search: bool = False
-    epochs: int = 2  # the default run (7 methods x 8 built-in tasks) takes ~40 min on 2 CPU cores
+    epochs: int = 2  # the default run (11 methods x 8 built-in tasks) takes ~51 min on 2 CPU cores
     batch_size: int = 64
     num_workers: int = 0  # DataLoader workers per run (runs are already parallel)
     max_test: int | None = None

@@ -2,11 +2,13 @@
 
 Output directory of a run:
     adapter_config.json, adapter.safetensors   the best-on-validation adapter (peftvision's format)
+    README.md         the model card (Hugging Face Hub front matter; `peftvision push` uploads it)
     metrics.json      method, model, dataset, splits, parameter counts, best val / test accuracy, speed, memory
     history.csv       per epoch: train loss, val loss, val top-1, lr, seconds
     curves.png        loss and accuracy curves
     config.yaml       the resolved config (re-run it with --recipe)
     log.jsonl         one JSON object per event, for scripts
+    tensorboard/, wandb/   with --report-to (accelerate's trackers)
     checkpoint/       the full training state of the last finished epoch (for --resume)
 """
 
