@@ -131,7 +131,8 @@ def test_default_run_uses_the_shipped_backbone_and_task(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("optim", [{}, {"optimizer": "lamb", "layer_decay": 0.65}], ids=["adamw", "lamb-layer-decay"])
 def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, backbone_checkpoint, optim):
-    base = TrainConfig(method="lora", model="pv_vit_tiny_32", checkpoint=backbone_checkpoint, epochs=3, batch_size=100, num_workers=0, quiet=True, max_test=200,
+    # two epochs, interrupted after the first: the resumed second must match the uninterrupted one
+    base = TrainConfig(method="lora", model="pv_vit_tiny_32", checkpoint=backbone_checkpoint, epochs=2, batch_size=100, num_workers=0, quiet=True, max_test=200,
                        options={"dropout": 0.1}, **optim)
     full = finetune(dataclasses.replace(base, output=str(tmp_path / "full")))
 
@@ -148,6 +149,11 @@ def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, backbone_checkp
     a = pv.load_adapter(tmp_path / "full", checkpoint=backbone_checkpoint).state_dict()
     b = pv.load_adapter(tmp_path / "resumed", checkpoint=backbone_checkpoint).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the last epoch's state too, whichever epoch was best: the optimizer and RNG carried over exactly
+    from peftvision.files import load_tensors
+
+    last = [load_tensors(tmp_path / run / "checkpoint" / "state.safetensors") for run in ("full", "resumed")]
+    assert last[0].keys() == last[1].keys() and all(torch.equal(last[0][k], last[1][k]) for k in last[0] if k.startswith("param."))
 
 
 def test_existing_run_is_not_overwritten(tmp_path, fast):
