@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shlex
 import sys
@@ -185,15 +186,10 @@ def _counts(directory: Path, metrics: dict[str, Any] | None) -> tuple[int, int |
         return int(metrics["trainable_params"]), metrics.get("total_params")
     from safetensors import safe_open
 
-    with safe_open(str(directory / "adapter.safetensors"), "pt") as f:
-        count = 0
-        for key in f.keys():
-            shape = f.get_slice(key).get_shape()
-            n = 1
-            for d in shape:
-                n *= d
-            count += n
-    return count, None
+    from .export import WEIGHTS_NAME
+
+    with safe_open(str(directory / WEIGHTS_NAME), "pt") as f:
+        return sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys()), None
 
 
 def _results(metrics: dict[str, Any]) -> list[str]:
@@ -218,38 +214,32 @@ def _usage(config: dict[str, Any]) -> list[str]:
     source = f"hf:{REPO_PLACEHOLDER}"
     arch = model["name"].split(".")[0]
     kwargs = "".join(f", {k}={v!r}" for k, v in (model.get("kwargs") or {}).items())
-    lines = [
-        "## Use it", "",
-        f"With peftvision (`{source}`, or a local copy of this directory):", "",
-        "```bash",
-        f"peftvision predict --adapter {source} image.jpg",
-        f"peftvision eval --adapter {source} --dataset imagefolder:PATH",
-        "```", "",
-        "```python",
-        "import peftvision as pv",
-        f'model = pv.load_adapter("{source}").eval()',
-        "```", "",
-    ]
+    lines = ["## Use it", ""] + _example(
+        f"With peftvision (`{source}`, or a local copy of this directory):",
+        [f"peftvision predict --adapter {source} image.jpg", f"peftvision eval --adapter {source} --dataset imagefolder:PATH"],
+        ["import peftvision as pv", f'model = pv.load_adapter("{source}").eval()'],
+    )
     if method.mergeable(options) is None:
-        lines += [
-            "With timm alone, merged into the base weights:", "",
-            "```bash", f"peftvision merge --adapter {source} --output merged.safetensors", "```", "",
-            "```python", "import timm",
-            f'model = timm.create_model("{arch}", num_classes={model.get("num_classes")}{kwargs}, '
-            f'checkpoint_path="merged.safetensors")',
-            "```", "",
-        ]
+        lines += _example(
+            "With timm alone, merged into the base weights:",
+            [f"peftvision merge --adapter {source} --output merged.safetensors"],
+            ["import timm", f'model = timm.create_model("{arch}", num_classes={model.get("num_classes")}{kwargs}, '
+                            f'checkpoint_path="merged.safetensors")'],
+        )
     if method.exportable(options) is None:
-        lines += [
-            "With HF PEFT, after exporting to its format:", "",
-            "```bash", f"peftvision export --adapter {source} --output peft-adapter", "```", "",
-            "```python", "import peft, timm",
-            f'base = timm.create_model("{model["name"]}", pretrained=True, num_classes={model.get("num_classes")}'
-            f"{kwargs})",
-            'model = peft.PeftModel.from_pretrained(base, "peft-adapter")',
-            "```", "",
-        ]
+        lines += _example(
+            "With HF PEFT, after exporting to its format:",
+            [f"peftvision export --adapter {source} --output peft-adapter"],
+            ["import peft, timm",
+             f'base = timm.create_model("{model["name"]}", pretrained=True, num_classes={model.get("num_classes")}{kwargs})',
+             'model = peft.PeftModel.from_pretrained(base, "peft-adapter")'],
+        )
     return lines
+
+
+def _example(intro: str, shell: list[str], python: list[str]) -> list[str]:
+    """One way to load the adapter: a sentence, the commands, then the Python."""
+    return [intro, "", "```bash", *shell, "```", "", "```python", *python, "```", ""]
 
 
 def _provenance(config: dict[str, Any], directory: Path, command: str | None) -> list[str]:
