@@ -137,11 +137,18 @@ def run_job(job: Job, cc: CompareConfig, threads: int) -> dict[str, Any]:
     except (Interrupted, KeyboardInterrupt):
         raise  # Ctrl-C stops the whole comparison; rerunning it resumes
     except Exception as e:  # noqa: BLE001 - a failed run must not stop the others
-        message = str(e) if isinstance(e, PeftVisionError) else f"{type(e).__name__}: {e}"
-        row.update(status="failed", error=message.splitlines()[0] if message else type(e).__name__)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "error.txt").write_text(message + "\n\n" + traceback.format_exc())
+        message = (str(e) if isinstance(e, PeftVisionError) else f"{type(e).__name__}: {e}") or type(e).__name__
+        return failed_row(job, message, traceback.format_exc())
     return row
+
+
+def failed_row(job: Job, message: str, details: str) -> dict[str, Any]:
+    """A run that failed, whichever engine ran it: its row (the message's first line as `error`) and
+    `error.txt` in its directory with the whole message and `details` (the traceback)."""
+    out = Path(job.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "error.txt").write_text(message + "\n\n" + details)
+    return {**dataclasses.asdict(job), "status": "failed", "error": message.splitlines()[0]}
 
 
 Then = Callable[[dict[str, Any]], list[Job]]  # a finished row -> the jobs it unlocks (a grid's final runs)

@@ -27,7 +27,7 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
-from .compare import CompareConfig, Job, Then, run_job
+from .compare import CompareConfig, Job, Then, failed_row, run_job
 from .errors import ConfigError
 from .ui import RunsProgress
 
@@ -118,10 +118,7 @@ def _collect(ray: Any, ref: Any, job: Job) -> tuple[dict[str, Any], str | None]:
         row, files, mode = ray.get(ref)
     except Exception as e:  # noqa: BLE001 - the worker died RETRIES + 1 times, or Ray itself failed
         message = f"ray: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        out = Path(job.output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "error.txt").write_text(message + "\n\n" + "".join(traceback.format_exception(e)))
-        return {**dataclasses.asdict(job), "status": "failed", "error": message}, None
+        return failed_row(job, message, "".join(traceback.format_exception(e))), None
     row["output"] = job.output
     if files is not None:
         _write_back(Path(job.output), files)
