@@ -20,14 +20,6 @@ def print_wide(table: Any) -> None:
     console.print(table)
 
 
-def _bar(console: Any, transient: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, SpinnerColumn
-    from rich.progress import TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return RichProgress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=transient)
-
-
 @contextmanager
 def progress_bar(description: str, total: int | None = None, enabled: bool = True) -> Iterator[Advance]:
     """A bar (or, without a total, a spinner) on stderr for one long step; it disappears when done.
@@ -36,11 +28,14 @@ def progress_bar(description: str, total: int | None = None, enabled: bool = Tru
     If another bar is already live (inside a training run), the step shows as nothing extra."""
     from rich.console import Console
     from rich.errors import LiveError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, SpinnerColumn
+    from rich.progress import TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     if not enabled:
         yield lambda: None
         return
-    bar = _bar(Console(stderr=True), transient=True)
+    bar = RichProgress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
     try:
         bar.start()
     except LiveError:  # one live display at a time
@@ -245,17 +240,12 @@ class RunsProgress:
 
 
 def _run_line(row: dict[str, Any], i: int, n: int) -> str:
+    from rich.markup import escape  # task specs are paths: text, not rich markup
+
     wd = f", wd {row['weight_decay']:g}" if row["kind"] == "search" else ""  # grid points differ by it too
-    what = f"[{i}/{n}] {row['kind']} {row['method']} on {row['task']} (seed {row['seed']}, lr {row['lr']:g}{wd})"
-    what = _escape(what)  # task specs are paths: text, not rich markup
+    what = escape(f"[{i}/{n}] {row['kind']} {row['method']} on {row['task']} (seed {row['seed']}, lr {row['lr']:g}{wd})")
     if row["status"] == "failed":
-        return f"{what}: [red]failed[/red]: {_escape(row.get('error') or '')}"
+        return f"{what}: [red]failed[/red]: {escape(row.get('error') or '')}"
     score = row.get("test_top1") if row["kind"] == "final" else row.get("best_val_top1")
     label = "test" if row["kind"] == "final" else "val"
     return f"{what}: {row['status']}, {label} top-1 {score:.1f}%" if score is not None else f"{what}: {row['status']}"
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
