@@ -14,7 +14,8 @@ train on the other 800; every number is top-1 on those 200.
 - `plain-linear`: the same loop training only the head; `plain-full`: every weight, lr 1e-4.
 - `<method>`: `peftvision.finetune` with that method and every default except --epochs and
   --batch-size (the split, the transform, the lr, the schedule and model selection are ours).
-- `<method>@<key>=<value>[,...]`: the same with TrainConfig fields changed (e.g. `lora@lr=1e-3`),
+- `<method>@<key>=<value>[+...]`: the same with TrainConfig fields or the method's options changed
+  (`lora@lr=1e-3`, `lora@lora.r=16+lr=5e-3`, `lora@lora.targets=q/k/v`: `/` stands for a list's comma),
   to measure what one default costs.
 
 Each finished run is appended to the output JSON at once, so an interrupted benchmark resumes where it
@@ -38,6 +39,8 @@ SHARED = ROOT.parent / "shared"
 BACKBONE = SHARED / "backbones" / "vit_tiny_patch16_224.in1k_tin200.safetensors"
 DATA = SHARED / "data" / "imagenet-sample-coarse4"
 MODEL = "vit_tiny_patch16_224"
+# a run with overrides that are today's defaults -> the default's name (the plot draws it as the default)
+RAN_BEFORE_DEFAULT = {"lora@lora.targets=q/k/v": "lora", "dora@dora.targets=q/k/v": "dora"}
 DEFAULT_RUNS = "plain-lora,plain-linear,plain-full,linear,full,bitfit,lora,adapter,vpt-shallow,vpt-deep"
 
 
@@ -121,11 +124,19 @@ def ours(run: str, backbone: Path, data: Path, epochs: int, batch_size: int, see
     from peftvision.config import TrainConfig
     from peftvision.finetune import finetune
 
+    import yaml
+
     method, _, changes = run.partition("@")
     values: dict[str, Any] = {}
-    for item in filter(None, changes.split(",")):
+    options: dict[str, Any] = {}
+    for item in filter(None, changes.split("+")):
         key, _, raw = item.partition("=")
-        values[key] = None if raw in ("none", "null") else raw
+        if key.startswith(f"{method}."):  # a method option: YAML types it, as --set does
+            options[key.partition(".")[2]] = yaml.safe_load(raw.replace("/", ","))
+        else:  # a TrainConfig field: TrainConfig converts the string
+            values[key] = None if raw in ("none", "null") else raw
+    if options:
+        values["options"] = options
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig.from_dict(dict(
             method=method, model=MODEL, checkpoint=str(backbone), dataset=f"imagefolder:{data}",
@@ -168,8 +179,10 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     base = pv.create_model(MODEL, num_classes=4)
     same_as = {"plain-lora": ("lora", {"targets": ("qkv",)}), "plain-linear": ("linear", {}), "plain-full": ("full", {})}
     fig, ax = plt.subplots(figsize=(8, 5))
-    # `lora@lr=3e-3` is today's default LoRA (3 seeds); the `lora` rows mix the former default (1e-3) with it
-    results = [dict(r, run="lora") for r in results if r["run"] == "lora@lr=3e-3"] + [r for r in results if r["run"] != "lora"]
+    # runs measured before their settings became the default stand for the default and replace its rows
+    for run, default in RAN_BEFORE_DEFAULT.items():
+        if any(r["run"] == run for r in results):
+            results = [dict(r, run=default) if r["run"] == run else r for r in results if r["run"] != default]
     for i, run in enumerate(dict.fromkeys(r["run"] for r in results)):
         if "@" in run:
             continue

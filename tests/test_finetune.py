@@ -251,6 +251,8 @@ def test_recipes_in_the_repo_are_valid():
         pv.methods.build_config(cfg.method, cfg.options)
         if path.name.startswith("default-"):  # these document the defaults: they must not drift from them
             assert cfg.lr == pytest.approx(pv.methods.default_lr(cfg.method, cfg.model)), path.name
+            defaults = pv.methods.build_config(cfg.method, {})
+            assert pv.methods.build_config(cfg.method, cfg.options) == defaults, path.name
 
 
 def test_eval_and_predict_on_a_trained_adapter(tmp_path, capsys, fast, backbone_checkpoint):
