@@ -138,6 +138,11 @@ def load_checkpoint(
     missing = [k for k in params if f"param.{k}" not in tensors]
     if missing:
         raise PeftVisionError(f"checkpoint in {directory} does not match this run's method (missing {missing[:2]})")
+    other = [k for k, p in params.items() if tensors[f"param.{k}"].shape != p.shape]
+    if other:  # e.g. a run started under another default of the method's options
+        k = other[0]
+        raise PeftVisionError(f"checkpoint in {directory} does not match this run's method options ({k} is "
+                              f"{tuple(tensors[f'param.{k}'].shape)} there, {tuple(params[k].shape)} here); start the run again")
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(tensors[f"param.{k}"])

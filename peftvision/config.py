@@ -204,7 +204,7 @@ def build_config(recipe: str | None = None, sets: list[str] | None = None, flags
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """Fill the defaults that depend on what is installed, on the backbone or on the method."""
     from .data import DEFAULT_TASK
-    from .methods import default_lr
+    from .methods import build_config, config_to_dict, default_lr
     from .weights import DEFAULT_MODEL
 
     model = cfg.model or DEFAULT_MODEL
@@ -213,7 +213,10 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     output = cfg.output or str(Path("runs") / f"{cfg.method}-{dataset.split(':')[-1].replace('/', '_')}")
     # no model selection: the val slice has no use, so train on it too
     train_split = "trainval" if cfg.val_split is None and cfg.train_split == "train" else cfg.train_split
-    return dataclasses.replace(cfg, model=model, dataset=dataset, output=output, lr=lr, train_split=train_split)
+    # every option, defaults included: a run's config.yaml resumes and reruns the same way after a default changes
+    options = config_to_dict(build_config(cfg.method, cfg.options))
+    return dataclasses.replace(cfg, model=model, dataset=dataset, output=output, lr=lr, train_split=train_split,
+                               options=options)
 
 
 # ----------------------------------------------------------------------------- resuming

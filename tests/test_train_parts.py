@@ -222,3 +222,34 @@ def test_checkpoint_from_an_older_format_is_one_clear_error(tmp_path):
     (tmp_path / "ckpt" / "state.json").write_text(json.dumps(meta))
     with pytest.raises(PeftVisionError, match="written by an older peftvision"):
         load_checkpoint(tmp_path / "ckpt", params, opt, sched)
+
+
+def test_checkpoint_of_other_method_options_is_one_clear_error(tmp_path):
+    """A run started with LoRA on q, v cannot resume as q, k, v (same names, other shapes): one line."""
+    def parts(targets):
+        model = pv.inject(make_model("vit"), "lora", targets=targets)
+        opt = build_optimizer(model, TrainConfig(lr=1e-3))
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}, opt, build_scheduler(opt, 1, 5)
+
+    save_checkpoint(tmp_path / "ckpt", *parts(("q", "v")), {"epoch": 1})
+    params, opt, sched = parts(("q", "k", "v"))
+    with pytest.raises(PeftVisionError, match=r"does not match this run's method options \(.*lora_A is \(16, \d+\) there, \(24, \d+\) here\)"):
+        load_checkpoint(tmp_path / "ckpt", params, opt, sched)
+
+
+@pytest.mark.parametrize("method", pv.list_methods())
+def test_resolved_config_holds_every_method_option(method):
+    """config.yaml records the options' values, not only the given ones, so a run resumes and reruns
+    the same way after a method's defaults change."""
+    from dataclasses import fields
+
+    from peftvision.config import resolve_config
+    from peftvision.methods import build_config, get_method
+
+    options = resolve_config(TrainConfig(method=method)).options
+    assert set(options) == {f.name for f in fields(get_method(method).config_cls)}
+    assert build_config(method, options) == build_config(method, {})
+    if method == "lora":
+        given = resolve_config(TrainConfig(method=method, options={"r": 4, "targets": "q,v"})).options
+        assert given == {"r": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["q", "v"]}
+        assert resolve_config(TrainConfig(method=method, options=given)).options == given  # as resume reads it back
