@@ -121,10 +121,10 @@ def plain_loop(kind: str, backbone: Path, train: list, test: list, num_classes: 
 # ----------------------------------------------------------------------------- our finetune
 
 def ours(run: str, backbone: Path, data: Path, epochs: int, batch_size: int, seed: int) -> dict[str, Any]:
+    import yaml
+
     from peftvision.config import TrainConfig
     from peftvision.finetune import finetune
-
-    import yaml
 
     method, _, changes = run.partition("@")
     values: dict[str, Any] = {}
