@@ -121,26 +121,15 @@ def plain_loop(kind: str, backbone: Path, train: list, test: list, num_classes: 
 # ----------------------------------------------------------------------------- our finetune
 
 def ours(run: str, backbone: Path, data: Path, epochs: int, batch_size: int, seed: int) -> dict[str, Any]:
-    import yaml
-
-    from peftvision.config import TrainConfig
+    from peftvision.config import build_config
     from peftvision.finetune import finetune
 
     method, _, changes = run.partition("@")
-    values: dict[str, Any] = {}
-    options: dict[str, Any] = {}
-    for item in filter(None, changes.split("+")):
-        key, _, raw = item.partition("=")
-        if key.startswith(f"{method}."):  # a method option: YAML types it, as --set does
-            options[key.partition(".")[2]] = yaml.safe_load(raw.replace("/", ","))
-        else:  # a TrainConfig field: TrainConfig converts the string
-            values[key] = None if raw in ("none", "null") else raw
-    if options:
-        values["options"] = options
+    sets = [item.replace("/", ",") for item in changes.split("+") if item]  # as `finetune --set KEY=VALUE`
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig.from_dict(dict(
+        cfg = build_config(sets=sets, flags=dict(
             method=method, model=MODEL, checkpoint=str(backbone), dataset=f"imagefolder:{data}",
-            epochs=epochs, batch_size=batch_size, seed=seed, output=str(Path(tmp) / "run"), quiet=True, **values,
+            epochs=epochs, batch_size=batch_size, seed=seed, output=str(Path(tmp) / "run"), quiet=True,
         ))
         metrics = finetune(cfg)
     keep = ("test_top1", "best_val_top1", "best_epoch", "train_seconds", "lr", "trainable_params", "test_images",
