@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("PEFTVISION_SHARED", ROOT.parent / "shared"))  # a copy of the tree runs too
 BACKBONE = SHARED / "backbones" / "vit_tiny_patch16_224.in1k_tin200.safetensors"
 DATA = SHARED / "data" / "imagenet-sample-coarse4"
 MODEL = "vit_tiny_patch16_224"

@@ -51,14 +51,21 @@ class TrainConfig:
     clip_grad: float | None = _opt(1.0, "max grad norm; 0 or none disables it")
     mixed_precision: str = _opt("no", "no, bf16 or fp16", choices=("no", "bf16", "fp16"))
     label_smoothing: float = _opt(0.0, "cross-entropy label smoothing")
+    head_init: str = _opt("auto", "the head's start: probe (a linear probe fitted on the frozen features: LP-FT), "
+                                  "random (timm's init); auto: probe where only the head trains (the linear method: "
+                                  "the probe is its whole training), else random", choices=("auto", "probe", "random"))
     grad_checkpointing: bool = _opt(False, "recompute activations in backward: ViT-S 35-62% less memory, 1.3-1.5x time")
     seed: int = _opt(0, "model init, data order, and the draw of the val slice / VTAB-1k splits")
     patience: int | None = _opt(None, "early stopping after this many epochs without a better val top-1")
-    # Splits (peftvision/data/protocol.py): on your data (imagefolder:, hf:) train = every training image
-    # but a 10% model-selection slice (val), and test = test/, else val/, else a fixed 20% hold-out;
-    # on the benchmark tasks (builtin:, vtab:) train / val are VTAB-1k's train800 / val200.
+    # Splits (peftvision/data/protocol.py): on your data (imagefolder:, hf:) test = test/, else val/, else a
+    # fixed 20% hold-out; val = val/ when there is one, else a 10% slice of train/; on the benchmark tasks
+    # (builtin:, vtab:) train / val are VTAB-1k's train800 / val200. Which of them a run uses is the
+    # selection policy (peftvision/selection.py): a val set too small to tell epochs apart is not used.
     train_split: str = _opt("train", "train (all but the val slice; builtin:/vtab: train800), trainval, train800, train800val200")
-    val_split: str | None = _opt("val", "picks the best epoch (builtin:/vtab: val200); none: keep the last epoch, train on every image")
+    val_split: str | None = _opt("auto", "auto: val/ (or VTAB-1k's val200) if there is one, a 10% slice of train/ only "
+                                         "if it holds >= 200 images, else none; none: train on every image")
+    keep: str = _opt("auto", "which epoch's adapter is kept: best (on val), last, or auto: best when val has >= 200 "
+                             "images, else last", choices=("auto", "best", "last"))
     test_split: str | None = _opt("test", "what is reported; none: no test")
     resize: str | None = _opt(None, "eval preprocessing: crop (the model's own) or squash (whole image); "
                                     "empty: crop for imagefolder:/hf: photos, squash for builtin:/vtab:",
@@ -84,6 +91,8 @@ class TrainConfig:
             (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
             (self.patience is None or self.patience >= 1, "patience must be >= 1"),
             (self.resize in (None, "crop", "squash"), "resize must be crop or squash"),
+            (self.keep in ("auto", "best", "last"), "keep must be auto, best or last"),
+            (self.head_init in ("auto", "probe", "random"), "head_init must be auto, probe or random"),
         ]
         for ok, message in checks:
             if not ok:

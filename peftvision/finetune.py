@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 
 from .config import TrainConfig, resolve_config
 from .errors import Interrupted, PeftVisionError
@@ -90,14 +89,13 @@ def _run(
     """finetune's body once the accelerator and the trackers run."""
     from .backbone import create_model
     from .data import load_task, run_loaders
-    from .evaluate import evaluate_model
-    from .export import WEIGHTS_NAME, load_best, save_adapter
-    from .files import write_json
+    from .export import save_adapter
     from .freeze import get_state, param_report
     from .injection import enable_grad_checkpointing, inject
-    from .report import peak_memory_mb, plot_curves, write_history
+    from .report import write_history
+    from .selection import choose_selection
     from .train import train
-    from .ui import Progress, print_summary, progress_bar
+    from .ui import Progress
 
     main = accelerator.is_main_process
     log = _Log(output / "log.jsonl" if main else None)
@@ -105,6 +103,8 @@ def _run(
 
     # ---- data, backbone, method
     task = load_task(cfg.dataset, seed=cfg.seed, max_test=cfg.max_test)
+    selection = choose_selection(task, cfg.train_split, cfg.val_split, cfg.keep)
+    cfg = dataclasses.replace(cfg, train_split=selection.train_split, val_split=selection.val_split, keep=selection.keep)
     model = create_model(cfg.model, pretrained=True, checkpoint=cfg.checkpoint, num_classes=task.num_classes)
     inject(model, cfg.method, **cfg.options)
     if cfg.grad_checkpointing:
@@ -119,7 +119,18 @@ def _run(
     )
     splits = {role: (name, task.about(name)) for role, name in
               (("train", cfg.train_split), ("val", cfg.val_split), ("test", cfg.test_split)) if name}
-    log("data", task=repr(task), resize=resize, splits=splits, notes=list(task.notes))
+    log("data", task=repr(task), resize=resize, splits=splits, notes=list(task.notes), selection=selection.why)
+
+    # ---- the head's start: a linear probe on the frozen features (LP-FT), or timm's random init
+    head_only = len(state.trainable_names) == len(state.head_names)  # nothing but the head trains
+    head_init = cfg.head_init if cfg.head_init != "auto" else ("probe" if head_only else "random")
+    probe: dict[str, Any] = {"init": head_init}
+    if head_init == "probe" and not resume:
+        probe.update(_probe_head(model, task, cfg, loaders, resize, accelerator))
+        log("probe", **probe)
+    if head_only and head_init == "probe":  # a convex problem solved: there is nothing left to train
+        return _finish(cfg, accelerator, output, task, model, loaders, selection, splits, report, probe,
+                       _probe_loop(model, loaders, task, accelerator, output, probe), log)
 
     # ---- train, keeping the best adapter on disk as it happens
     progress = Progress(cfg.epochs, enabled=main and not cfg.quiet)
@@ -146,7 +157,20 @@ def _run(
         log("error", message=str(e))
         raise
 
-    # ---- test the best adapter (every process reads the file the main process wrote)
+    return _finish(cfg, accelerator, output, task, model, loaders, selection, splits, report, probe, loop, log)
+
+
+def _finish(cfg: TrainConfig, accelerator: Any, output: Path, task: Any, model: Any, loaders: Any, selection: Any,
+            splits: dict, report: Any, probe: dict[str, Any], loop: LoopState, log: _Log) -> dict[str, Any]:
+    """Test the kept adapter and write the run's files (every process reads the adapter the main process wrote)."""
+    from .evaluate import evaluate_model
+    from .export import WEIGHTS_NAME, load_best
+    from .files import write_json
+    from .freeze import get_state
+    from .report import peak_memory_mb, plot_curves, write_history
+    from .ui import print_summary, progress_bar
+
+    main = accelerator.is_main_process
     accelerator.wait_for_everyone()
     load_best(model, output)
     test: dict[str, float] = {}
@@ -164,6 +188,8 @@ def _run(
         "lr": cfg.lr,
         "epochs_run": loop.epoch,
         "best_epoch": loop.best_epoch,
+        "selection": {"keep": selection.keep, "why": selection.why},
+        "head_init": probe,
         "trainable_params": report.trainable,
         "method_params": report.method_params,
         "total_params": report.total,
@@ -172,7 +198,7 @@ def _run(
         "best_val_top1": loop.best_top1 if loop.best_top1 >= 0 else None,
         "splits": {role: {"split": name, "images": len(task.split(name)), "about": about}
                    for role, (name, about) in splits.items()},
-        "resize": resize,
+        "resize": get_state(model).resize,
         "test_top1": test.get("top1"),
         "test_top5": test.get("top5"),
         "test_mean_per_class_accuracy": test.get("mean_per_class_accuracy"),
@@ -194,3 +220,51 @@ def _run(
     log("done", **metrics)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _probe_head(model: Any, task: Any, cfg: TrainConfig, loaders: Any, resize: str, accelerator: Any) -> dict[str, Any]:
+    """Fit the head as a linear probe on the frozen features of the training images (L2 picked on the
+    val images, else by k-fold on train) and put it in the model; returns what was chosen."""
+    from accelerate.utils import broadcast
+
+    from .data import build_loader, make_transform
+    from .freeze import get_state
+    from .probe import describe_fit, extract_features, fit_probe, head_linear, set_head
+    from .ui import progress_bar
+
+    t0 = time.perf_counter()
+    head = head_linear(model, get_state(model).backbone.head_names)
+    train_loader = build_loader(task.dataset(cfg.train_split, make_transform(model, train=False, resize=resize)),
+                                batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    shown = accelerator.is_main_process and not cfg.quiet
+    features = {}
+    for role, loader in (("train", train_loader), ("val", loaders.val)):
+        if loader is not None:
+            loader = accelerator.prepare(loader)
+            with progress_bar(f"probe: features of the {role} images", len(loader), enabled=shown) as tick:
+                features[role] = extract_features(model, head, loader, accelerator, on_batch=tick)
+    fit = fit_probe(features["train"], task.num_classes, features.get("val"), seed=cfg.seed)
+    set_head(head, fit)
+    for p in head.parameters():  # every process fitted the same; rank 0's is the one all keep
+        p.data.copy_(broadcast(p.data.contiguous(), from_process=0))
+    return {"l2": fit.l2, "chosen_on": fit.chosen_on, "held_out_top1": fit.held_out_top1,
+            "held_out_loss": fit.held_out_loss, "seconds": time.perf_counter() - t0, "about": describe_fit(fit)}
+
+
+def _probe_loop(model: Any, loaders: Any, task: Any, accelerator: Any, output: Path, probe: dict[str, Any]) -> LoopState:
+    """The loop's state for a run whose whole training was the probe: one record, the adapter saved."""
+    from .evaluate import evaluate_model
+    from .export import save_adapter
+
+    if "seconds" not in probe:
+        raise PeftVisionError(f"nothing to resume in {output}: a linear probe has no epochs; run it again")
+    record: dict[str, Any] = {"epoch": 0, "train_loss": float("nan"), "lr": 0.0, "seconds": probe["seconds"]}
+    state = LoopState(train_seconds=probe["seconds"], history=[record])
+    if loaders.val is not None:
+        val = evaluate_model(accelerator.prepare(model), accelerator.prepare(loaders.val), task.num_classes, accelerator)
+        record.update(val_loss=val["loss"], val_top1=val["top1"])
+        state.best_top1 = val["top1"]
+    state.best_epoch = 0
+    if accelerator.is_main_process:
+        save_adapter(model, output)
+    return state

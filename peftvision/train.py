@@ -83,8 +83,8 @@ class LoopState:
 
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps completed
-    best_top1: float = -1.0
-    best_epoch: int = -1
+    best_top1: float = -1.0  # val top-1 of the kept epoch (-1: no validation)
+    best_epoch: int = -1  # the kept epoch (best on val, or the last)
     bad_epochs: int = 0
     train_seconds: float = 0.0
     images_seen: int = 0
@@ -105,9 +105,11 @@ def train(
 ) -> tuple[nn.Module, LoopState]:
     """Train `model` (already injected) for `cfg.epochs`, checkpointing every epoch to `output/checkpoint`.
 
-    `on_best(model)` is called on the main process whenever validation improves (every epoch without
-    validation): that is where the caller keeps the best adapter. Returns the unwrapped model as it is
-    after the last epoch, and the loop state (history, best epoch, timings).
+    `on_best(model)` is called on the main process for every epoch whose adapter is to be kept: when
+    validation improves with `cfg.keep == "best"`, every epoch otherwise (the last one wins); that is where
+    the caller saves the adapter (`cfg.keep` resolved by `choose_selection`; "auto" counts as "last").
+    Returns the unwrapped model as it is after the last epoch, and the loop state (history, kept epoch,
+    timings).
     """
     optimizer = build_optimizer(model, cfg)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -176,22 +178,22 @@ def train(
                 "lr": current_lr(optimizer),
                 "seconds": seconds,
             }
-            improved = True  # no validation: keep the latest
+            improved = True  # no validation, or the last epoch is kept: keep the latest
             if val_loader is not None:
                 with (progress.step("validating", len(val_loader)) if progress is not None else nullcontext(None)) as tick:
                     val = evaluate_model(ddp_model, val_loader, num_classes, accelerator, on_batch=tick)
                 record.update(val_loss=val["loss"], val_top1=val["top1"])
-                improved = val["top1"] > state.best_top1
+                best_so_far = max((h["val_top1"] for h in state.history if "val_top1" in h), default=-1.0)
+                improved = val["top1"] > best_so_far if cfg.keep == "best" else True
+                state.bad_epochs = 0 if val["top1"] > best_so_far else state.bad_epochs + 1  # --patience
                 accelerator.log({"val/loss": val["loss"], "val/top1": val["top1"]}, step=state.step)
             accelerator.log({"train/epoch_loss": record["train_loss"], "epoch": state.epoch + 1}, step=state.step)
             state.epoch += 1
             state.history.append(record)
-            if improved:
-                state.best_top1, state.best_epoch, state.bad_epochs = record.get("val_top1", -1.0), state.epoch, 0
+            if improved:  # the adapter to keep: best on val (keep=best) or the latest
+                state.best_top1, state.best_epoch = record.get("val_top1", -1.0), state.epoch
                 if accelerator.is_main_process and on_best is not None:
                     on_best(accelerator.unwrap_model(ddp_model))
-            else:
-                state.bad_epochs += 1
             checkpoint()
             if on_epoch_end is not None:
                 on_epoch_end(state)

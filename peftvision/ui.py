@@ -119,13 +119,15 @@ def print_summary(metrics: dict[str, Any], output: Path) -> None:
     table = Table(title=f"{metrics['method']} on {metrics['dataset']}", show_header=False)
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
-    best_val = f"{pct(metrics['best_val_top1'])} (epoch {metrics['best_epoch']}){on('val')}"
+    kept_val = f"{pct(metrics['best_val_top1'])} (epoch {metrics['best_epoch']}){on('val')}"
+    selection = (metrics.get("selection") or {}).get("why")
     rows = [
         ("model", metrics["model"]),
         ("trainable", f"{metrics['trainable_params']:,} ({metrics['trainable_percent']:.3f}%)"),
         ("test top-1", pct(metrics["test_top1"]) + on("test")),
         ("test top-5", pct(metrics["test_top5"])),
-        ("best val top-1", best_val if "val" in splits or metrics["best_val_top1"] is not None else "- (no validation: last epoch kept)"),
+        ("kept epoch's val top-1", kept_val if "val" in splits or metrics["best_val_top1"] is not None else "- (no validation)"),
+        *((("selection", selection),) if selection else ()),
         *((f"{role} images", f"{split['split']}: {split['about']} ({split['images']:,})") for role, split in splits.items()),
         ("preprocessing", {"crop": "the model's eval transform (resize, centre crop)",
                            "squash": "whole image resized to the input size (VTAB-1k)"}.get(metrics.get("resize") or "", "-")),

@@ -75,8 +75,9 @@ def _photo_folder(root: Path, layout: dict[str, int]) -> None:
 
 
 def test_train_and_val_folders_report_on_val_and_eval_agrees(tmp_path, capsys, fast, backbone_checkpoint):
-    """train/ + val/: the run reports on val/, picks its epoch on a slice of train/, preprocesses photos
-    with the model's own crop, records that, and `peftvision eval` gives the run's own number."""
+    """train/ + val/: the run reports on val/, trains on all of train/ (a slice of 8 images could not pick
+    an epoch), keeps the last epoch and says why, preprocesses photos with the model's own crop, records
+    that, and `peftvision eval` gives the run's own number."""
     data = tmp_path / "photos"
     _photo_folder(data, {"train": 40, "val": 12})
     out = tmp_path / "run"
@@ -84,7 +85,9 @@ def test_train_and_val_folders_report_on_val_and_eval_agrees(tmp_path, capsys, f
                  "--epochs", "2", "--batch-size", "16"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["splits"]["test"]["images"] == 24 and "val/" in metrics["splits"]["test"]["about"]
-    assert metrics["splits"]["val"]["images"] == 8 and metrics["splits"]["train"]["images"] == 72
+    assert "val" not in metrics["splits"] and metrics["splits"]["train"]["images"] == 80
+    assert metrics["selection"]["keep"] == "last" and "8-image slice" in metrics["selection"]["why"]
+    assert metrics["best_epoch"] == 2
     assert metrics["resize"] == "crop"
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["model"]["resize"] == "crop"
@@ -227,7 +230,7 @@ def test_every_config_field_is_a_flag():
 
 
 def test_resume_refuses_settings_it_would_ignore(tmp_path, capsys, fast):
-    out = _run(tmp_path, fast, "linear")
+    out = _run(tmp_path, fast, "bitfit")
     assert main(["finetune", "--resume", str(out), "--lr", "0.5", "--seed", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert "only --epochs and --quiet can change (got --lr, --seed)" in err and len(err.splitlines()) == 1

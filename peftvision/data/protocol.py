@@ -151,6 +151,7 @@ def protocol_splits(
     if val is not None:
         user = {"train": train.take(np.arange(len(train))), "val": val.take(np.arange(len(val)))}
         about.update(train=names["train"], val=names["val"])
+        meta["val_carved"] = False
     else:
         n_val = max(1, round(VAL_FRACTION * len(train)))
         carved = stratified_choice(train.labels, n_val, np.random.default_rng([seed, VAL_STREAM]))
@@ -159,6 +160,7 @@ def protocol_splits(
         user = {"train": train.take(np.flatnonzero(~in_val)), "val": train.take(np.sort(carved))}
         about.update(train=f"{names['train']} except the val slice",
                      val=f"{VAL_FRACTION:.0%} of {names['train']} per class, drawn with the run's seed")
+        meta["val_carved"] = True  # the val slice costs training images: the selection policy weighs that
     user["trainval"] = trainval.take(np.arange(len(trainval)))
     about["trainval"] = "train + val: every image that is not test"
 
@@ -184,6 +186,7 @@ def benchmark_aliases(splits: dict[str, Split], meta: dict) -> None:
     """Benchmark tasks (built-in, vtab:) are VTAB-1k tasks: train / val / trainval are its splits."""
     for alias, split in (("train", "train800"), ("val", "val200"), ("trainval", "train800val200")):
         splits[alias] = splits[split]
+    meta["val_carved"] = False  # val200 is the protocol's own
     meta["about_splits"] = {"train": "train800 (VTAB-1k)", "val": "val200 (VTAB-1k)",
                      "trainval": "train800val200 (VTAB-1k)", "test": meta.get("about_splits", {}).get("test", "the test set")}
 
@@ -205,4 +208,4 @@ def fixed_splits(
         notes.append(f"test capped at {max_test} of {len(test)} images (stratified, fixed)")
     if len(splits["train800val200"]) < TRAIN + VAL:
         notes.append(f"{name}: train800val200 has {len(splits['train800val200'])} images, not 1,000")
-    return splits, notes, {"fixed_splits": True, "test_pool": len(test)}
+    return splits, notes, {"fixed_splits": True, "test_pool": len(test), "val_carved": False}
