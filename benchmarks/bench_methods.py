@@ -14,7 +14,6 @@ Writes a JSON file and prints a markdown report (paste it into benchmarks/RESULT
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -31,8 +30,8 @@ import torch
 from torch import nn
 
 import peftvision as pv
-from peftvision.injection import enable_grad_checkpointing
-from peftvision.report import peak_memory_mb
+from peftvision.methods.inject import enable_grad_checkpointing
+from peftvision.training.report import peak_memory_mb
 
 # variant name -> (method, options). "peft-lora" is HF PEFT's LoRA; "lora-qkv" is ours on the same
 # modules (the whole qkv) and rank, so the two do the same FLOPs.

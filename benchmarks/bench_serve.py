@@ -74,11 +74,11 @@ def write_adapters(base: Any, n: int, root: Path) -> dict[str, str]:
 # ----------------------------------------------------------------------------- engines
 
 class _Engine:
-    """What peftvision.serve's batcher needs of a model, over the alternatives to MultiAdapterModel."""
+    """What peftvision.serving.http's batcher needs of a model, over the alternatives to MultiAdapterModel."""
 
     def __init__(self, base: Any, dirs: dict[str, str]) -> None:
+        from peftvision.adapters.format import read_adapter_config
         from peftvision.data import make_transform
-        from peftvision.export import read_adapter_config
 
         self.base, self.dirs = base, dirs
         self.configs = {n: read_adapter_config(d) for n, d in dirs.items()}
@@ -106,7 +106,7 @@ class _Engine:
         return self._transform
 
     def top_k(self, x: torch.Tensor, adapters: list[str], k: Any = 5) -> list[list[dict[str, Any]]]:
-        from peftvision.multi import MultiAdapterModel
+        from peftvision.serving.multi import MultiAdapterModel
 
         return MultiAdapterModel.top_k(self, x, adapters, k)  # the same formatting as ours
 
@@ -170,7 +170,7 @@ class Single(_Engine):
 
 def make_engine(kind: str, base: Any, dirs: dict[str, str]) -> Any:
     if kind == "multi":
-        from peftvision.multi import MultiAdapterModel
+        from peftvision.serving.multi import MultiAdapterModel
 
         return MultiAdapterModel(base, dirs)
     return {"merged": Merged, "peft": Peft, "single": Single}[kind](base, dirs)
@@ -209,7 +209,7 @@ def run_server(args: argparse.Namespace) -> None:
     """Subprocess entry: serve `args.engine` over the adapters in `args.dir` with peftvision's app."""
     import uvicorn
 
-    from peftvision.serve import create_app, find_adapters
+    from peftvision.serving.http import create_app, find_adapters
 
     torch.set_num_threads(2)
     base, _ = base_model()

@@ -104,10 +104,10 @@ def main() -> int:
 
     import peftvision as pv
     from peftvision.cli import main as cli
-    from peftvision.config import TrainConfig
     from peftvision.data import make_transform, open_image
     from peftvision.explain import display_image, explain, figure
-    from peftvision.finetune import finetune
+    from peftvision.training.config import TrainConfig
+    from peftvision.training.finetune import finetune
 
     dog, bird = args.data / DOG, args.data / BIRD
     ckpt = str(args.backbone)

@@ -12,7 +12,7 @@ train on the other 800; every number is top-1 on those 200.
   (`modules_to_save=["head"]`), AdamW at a constant lr 1e-3, timm's own eval transform, all 800
   training images, the last epoch is tested.
 - `plain-linear`: the same loop training only the head; `plain-full`: every weight, lr 1e-4.
-- `<method>`: `peftvision.finetune` with that method and every default except --epochs and
+- `<method>`: `peftvision.training.finetune` with that method and every default except --epochs and
   --batch-size (the split, the transform, the lr, the schedule and model selection are ours).
 - `<method>@<key>=<value>[+...]`: the same with TrainConfig fields or the method's options changed
   (`lora@lr=1e-3`, `lora@lora.r=16+lr=5e-3`, `lora@lora.targets=q/k/v`: `/` stands for a list's comma),
@@ -121,8 +121,8 @@ def plain_loop(kind: str, backbone: Path, train: list, test: list, num_classes: 
 # ----------------------------------------------------------------------------- our finetune
 
 def ours(run: str, backbone: Path, data: Path, epochs: int, batch_size: int, seed: int) -> dict[str, Any]:
-    from peftvision.config import build_config
-    from peftvision.finetune import finetune
+    from peftvision.training.config import build_config
+    from peftvision.training.finetune import finetune
 
     method, _, changes = run.partition("@")
     sets = [item.replace("/", ",") for item in changes.split("+") if item]  # as `finetune --set KEY=VALUE`

@@ -12,7 +12,7 @@ its regimes and runs are scored on the same photos. Regime folders are symbolic 
 (nothing is copied), built under --work, the same bytes every time (fixed seed).
 
 Runs (every run: --epochs, --batch-size, --seed; nothing else set unless the run says so):
-- `<method>`: `peftvision.finetune` with every default (split policy, transform, lr, schedule, head).
+- `<method>`: `peftvision.training.finetune` with every default (split policy, transform, lr, schedule, head).
 - `<method>@<key>=<value>[+...]`: the same with TrainConfig fields or method options changed, as
   `finetune --set` (`lora@val_split=val+keep=best`: the selection policy before issue 24).
 - `plain-lora`, `plain-linear`, `plain-full`: the plain loops of benchmarks/real_backbone.py (timm + HF
@@ -150,8 +150,8 @@ def folder_pairs(root: Path, split: str) -> list[tuple[str, int]]:
 def _test_curve_patch(curve: list[float]) -> Any:
     """Wrap the training loop so that every epoch's model is also scored on the test loader (the run's
     own selection never sees these numbers; they say what each rule would have picked)."""
-    import peftvision.train as loop
-    from peftvision.evaluate import evaluate_model
+    import peftvision.training.loop as loop
+    from peftvision.training.evaluate import evaluate_model
 
     original = loop.train
 
@@ -168,9 +168,9 @@ def _test_curve_patch(curve: list[float]) -> Any:
 
 
 def ours(run: str, root: Path, epochs: int, batch_size: int, seed: int, curves: bool) -> dict[str, Any]:
-    import peftvision.train as loop
-    from peftvision.config import build_config
-    from peftvision.finetune import finetune
+    import peftvision.training.loop as loop
+    from peftvision.training.config import build_config
+    from peftvision.training.finetune import finetune
 
     method, _, changes = run.partition("@")
     sets = [item.replace("/", ",") for item in changes.split("+") if item]  # as `finetune --set KEY=VALUE`

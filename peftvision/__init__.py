@@ -13,27 +13,28 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "TrainConfig": "peftvision.config",
-    "finetune": "peftvision.finetune",
+    "TrainConfig": "peftvision.training.config",
+    "finetune": "peftvision.training.finetune",
     "load_task": "peftvision.data",
     "make_transform": "peftvision.data",
-    "evaluate_model": "peftvision.evaluate",
-    "inject": "peftvision.injection",
-    "param_report": "peftvision.freeze",
-    "get_state": "peftvision.freeze",
-    "save_adapter": "peftvision.export",
-    "load_adapter": "peftvision.export",
-    "merge": "peftvision.export",
-    "save_merged": "peftvision.export",
-    "export_peft": "peftvision.export",
-    "push": "peftvision.hub",
-    "resolve_adapter": "peftvision.hub",
-    "write_card": "peftvision.card",
-    "MultiAdapterModel": "peftvision.multi",
-    "create_app": "peftvision.serve",
-    "create_model": "peftvision.backbone",
-    "load_model": "peftvision.backbone",
-    "describe": "peftvision.backbone",
+    "evaluate_model": "peftvision.training.evaluate",
+    "inject": "peftvision.methods.inject",
+    "param_report": "peftvision.methods.freeze",
+    "get_state": "peftvision.methods.freeze",
+    "save_adapter": "peftvision.adapters.io",
+    "load_adapter": "peftvision.adapters.io",
+    "merge": "peftvision.adapters.io",
+    "save_merged": "peftvision.adapters.io",
+    "export_peft": "peftvision.adapters.peft",
+    "push": "peftvision.adapters.hub",
+    "resolve_adapter": "peftvision.adapters.hub",
+    "write_card": "peftvision.adapters.card",
+    "read_adapter_config": "peftvision.adapters.format",
+    "MultiAdapterModel": "peftvision.serving.multi",
+    "create_app": "peftvision.serving.http",
+    "create_model": "peftvision.backbones.backbone",
+    "load_model": "peftvision.backbones.backbone",
+    "describe": "peftvision.backbones.backbone",
     "list_methods": "peftvision.methods",
     "get_method": "peftvision.methods",
     "register_method": "peftvision.methods",
@@ -54,11 +55,11 @@ def __getattr__(name: str) -> Any:
 
 
 class _Package(types.ModuleType):
-    """Keeps `pv.finetune` / `pv.explain` the functions once their modules are imported: the import
-    system sets a submodule as an attribute of its package, which would hide the function of that name."""
+    """Keeps `pv.explain` (and any API name) the function once a module of that name is imported: the
+    import system sets a submodule as an attribute of its package, which would hide the function."""
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _API.get(name) == value.__name__:
+        if isinstance(value, types.ModuleType) and name in _API:
             return
         super().__setattr__(name, value)
 

@@ -13,7 +13,6 @@ from typing import Any, Callable
 
 from .errors import PeftVisionError
 
-
 # ----------------------------------------------------------------------------- subcommands
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -22,11 +21,11 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     from rich.table import Table
 
-    from .backbone import create_model
-    from .config import method_options, parse_overrides
-    from .freeze import param_report
-    from .injection import inject
+    from .backbones.backbone import create_model
     from .methods import default_lr, list_methods
+    from .methods.freeze import param_report
+    from .methods.inject import inject
+    from .training.config import method_options, parse_overrides
     from .ui import print_wide
 
     overrides = parse_overrides(args.set)
@@ -48,8 +47,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> None:
     """Fold an adapter into its base and write a plain timm checkpoint."""
-    from .backbone import model_spec
-    from .export import load_adapter, preprocessing, save_merged
+    from .adapters.io import load_adapter, preprocessing, save_merged
+    from .backbones.backbone import model_spec
 
     model = load_adapter(args.adapter, checkpoint=args.checkpoint, ignore_fingerprint=args.ignore_fingerprint)
     path = save_merged(model, args.output)
@@ -73,7 +72,8 @@ def _call(head: str, args: list[str], width: int = 100) -> str:
 
 def cmd_export(args: argparse.Namespace) -> None:
     """Write an adapter in another library's format (HF PEFT)."""
-    from .export import export_peft, load_adapter
+    from .adapters.io import load_adapter
+    from .adapters.peft import export_peft
 
     model = load_adapter(args.adapter, checkpoint=args.checkpoint, ignore_fingerprint=args.ignore_fingerprint)
     path = export_peft(model, args.output)
@@ -82,8 +82,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     """Fine-tune a backbone with one PEFT method and keep the best-on-validation adapter."""
-    from .config import build_config, resume_config
-    from .finetune import finetune
+    from .training.config import build_config, resume_config
+    from .training.finetune import finetune
 
     flags = {name: getattr(args, name) for name in args.config_fields}
     if args.resume:
@@ -96,11 +96,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     """Accuracy of a trained adapter on a dataset split, preprocessed as in training."""
     import json
 
+    from .adapters.io import load_adapter
     from .data import build_loader, load_task, make_transform
     from .errors import DataError
-    from .evaluate import evaluate_model
-    from .export import load_adapter
-    from .freeze import get_state
+    from .methods.freeze import get_state
+    from .training.evaluate import evaluate_model
     from .ui import progress_bar
 
     model = load_adapter(args.adapter, checkpoint=args.checkpoint, ignore_fingerprint=args.ignore_fingerprint).eval()
@@ -119,9 +119,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
     """Top-k classes, with names, for image files."""
     import torch
 
+    from .adapters.io import load_adapter
     from .data import make_transform, open_image
-    from .export import load_adapter
-    from .freeze import get_state
+    from .methods.freeze import get_state
 
     model = load_adapter(args.adapter, checkpoint=args.checkpoint, ignore_fingerprint=args.ignore_fingerprint).eval()
     names = get_state(model).class_names
@@ -139,13 +139,13 @@ def cmd_explain(args: argparse.Namespace) -> None:
     """Heat maps of where a model looks, one PNG per image; with --compare-base, the base's beside it."""
     from pathlib import Path
 
-    from .backbone import load_model
+    from .adapters.io import load_adapter
+    from .backbones.backbone import load_model
     from .data import make_transform, open_image
     from .errors import ConfigError
     from .explain import base_of, display_image, explain, figure, top_classes
-    from .export import load_adapter
     from .files import save_png
-    from .freeze import get_state
+    from .methods.freeze import get_state
 
     if (args.adapter is None) == (args.model is None):
         raise ConfigError("give exactly one of --adapter DIR and --model NAME")
@@ -183,7 +183,8 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     """Every method on every task, same protocol; rerunning resumes."""
-    from .compare import CompareConfig, compare
+    from .compare.jobs import CompareConfig
+    from .compare.plan import compare
 
     cc = CompareConfig(
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), tasks=args.tasks,
@@ -198,7 +199,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """Many adapters over one frozen backbone, batched together, over HTTP."""
-    from .serve import find_adapters, serve
+    from .serving.http import find_adapters, serve
 
     serve(
         find_adapters(args.adapter, args.adapters_dir), checkpoint=args.checkpoint, host=args.host, port=args.port,
@@ -209,7 +210,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_push(args: argparse.Namespace) -> None:
     """Upload an adapter directory, with its model card, to a Hugging Face Hub model repo."""
-    from .hub import push
+    from .adapters.hub import push
 
     url = push(args.adapter, args.repo, private=args.private, revision=args.revision, commit_message=args.commit_message)
     at = f"@{args.revision}" if args.revision else ""
@@ -247,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     p = sub.add_parser("finetune", help="fine-tune a backbone with a PEFT method")
-    from .config import REPORT_TO, add_config_flags
+    from .training.config import REPORT_TO, add_config_flags
 
     fields = add_config_flags(p)
     p.add_argument("--recipe", help="YAML file with the same keys as these flags (flags override it)")
@@ -256,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR (with --epochs: extend it)")
     p.set_defaults(func=cmd_finetune, config_fields=fields)
 
-    from .compare import CompareConfig
+    from .compare.jobs import CompareConfig
 
     c = CompareConfig()
     p = sub.add_parser("compare", help="compare methods on a task suite (VTAB-1k protocol)", formatter_class=fmt)
@@ -274,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-to", default=c.report_to, choices=REPORT_TO,
                    help="experiment tracker: one run per (method, task, seed), tagged with them")
     p.add_argument("--quiet", action="store_true")
-    from .compare import ENGINES, RAY_FILES
+    from .compare.jobs import ENGINES, RAY_FILES
 
     p.add_argument("--engine", choices=ENGINES, default=c.engine,
                    help="local: --workers processes on this machine; ray: one Ray task per run (pip install 'peftvision[ray]')")
@@ -363,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .card import quoting
+    from .adapters.card import quoting
 
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], Any] = args.func

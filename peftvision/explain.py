@@ -40,9 +40,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .backbone import Backbone, describe
+from .backbones.backbone import Backbone, describe
 from .errors import ConfigError, UnsupportedModelError
-from .freeze import unwrap
+from .methods.freeze import unwrap
 
 MODES = ("rollout", "attention", "gradcam")
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -394,8 +394,8 @@ def base_of(model: nn.Module, checkpoint: str | None = None) -> nn.Module:
     The head is copied so that both models score the same classes: Grad-CAM then explains the same
     class, and the difference of two maps shows what the method changed in the backbone.
     """
-    from .backbone import create_model, model_spec
-    from .freeze import get_state
+    from .backbones.backbone import create_model, model_spec
+    from .methods.freeze import get_state
 
     inner = unwrap(model)
     state = get_state(inner)

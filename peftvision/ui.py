@@ -28,8 +28,15 @@ def progress_bar(description: str, total: int | None = None, enabled: bool = Tru
     If another bar is already live (inside a training run), the step shows as nothing extra."""
     from rich.console import Console
     from rich.errors import LiveError
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, SpinnerColumn
-    from rich.progress import TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.progress import Progress as RichProgress
 
     if not enabled:
         yield lambda: None
@@ -58,7 +65,12 @@ class Progress:
 
     def __enter__(self) -> "Progress":
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeRemainingColumn,
+            )
             from rich.progress import Progress as RichProgress
 
             self._progress = RichProgress(
@@ -192,7 +204,12 @@ class RunsProgress:
         """The rich line, shown from the first news on: an engine that fails to start leaves one error line."""
         if self._progress is None and self.enabled:
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
             from rich.progress import Progress as RichProgress
 
             self._progress = RichProgress(

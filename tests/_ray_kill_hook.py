@@ -1,7 +1,7 @@
 """Test helper run inside Ray workers (tests/test_compare_ray.py): kill a worker in the middle of a run, once.
 
 A monkeypatch cannot reach Ray's worker processes, so the test's Ray job names `install` as its
-`worker_process_setup_hook`: every worker then wraps `peftvision.finetune.finetune`. When the file named
+`worker_process_setup_hook`: every worker then wraps `peftvision.training.finetune.finetune`. When the file named
 by $PV_TEST_KILL_PLAN holds "METHOD DATASET", the first run of that pair to finish an epoch (its
 checkpoint is written by then) SIGKILLs its own process, leaving PLAN.killed so that Ray's retry goes on.
 Production code knows nothing of this.
@@ -18,7 +18,7 @@ from typing import Any
 def install() -> None:
     import importlib
 
-    ft = importlib.import_module("peftvision.finetune")  # the module: `peftvision.finetune` is also the function
+    ft = importlib.import_module("peftvision.training.finetune")  # the module: `peftvision.training.finetune` is also the function
 
     plan = Path(os.environ["PV_TEST_KILL_PLAN"])
     inner = ft.finetune

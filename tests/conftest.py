@@ -73,8 +73,9 @@ def backbone_checkpoint(tmp_path_factory) -> str:
     FILE`, so they test training, files and resumption whether or not the pretrained weights are
     installed; tests of the shipped weights themselves live in test_models.py.
     """
-    import peftvision as pv
     from safetensors.torch import save_file
+
+    import peftvision as pv
 
     torch.manual_seed(0)
     model = pv.create_model("pv_vit_tiny_32")

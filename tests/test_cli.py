@@ -8,11 +8,10 @@ import sys
 import pytest
 import timm
 import torch
+from conftest import BACKBONES, make_input, randomize_trainable
 
 import peftvision as pv
 from peftvision.cli import main
-
-from conftest import BACKBONES, make_input, randomize_trainable
 
 
 def test_help_is_fast_and_lists_commands():
@@ -86,12 +85,15 @@ def test_help_texts_name_no_single_method():
 
 
 def test_api_functions_are_not_hidden_by_their_modules():
-    """`import peftvision.finetune` (the CLI does) must leave `pv.finetune` the function, not the module."""
+    """`import peftvision.explain` (the CLI does) must leave `pv.explain` the function, not the module; and
+    every name of the public API is the object its module defines."""
     import importlib
 
-    for name in ("finetune", "explain"):
-        module = importlib.import_module(f"peftvision.{name}")
-        assert getattr(pv, name) is getattr(module, name) and callable(getattr(pv, name))
+    for name, module in (("finetune", "peftvision.training.finetune"), ("explain", "peftvision.explain")):
+        imported = importlib.import_module(module)
+        assert getattr(pv, name) is getattr(imported, name) and callable(getattr(pv, name))
+    for name, module in pv._API.items():
+        assert getattr(pv, name) is getattr(importlib.import_module(module), name)
 
 
 def test_every_command_output_fits_100_columns(tmp_path, capsys, monkeypatch, backbone_checkpoint):

@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from peftvision.cli import main
-from peftvision.report import load_rows
+from peftvision.compare.report import load_rows
 
 TASKS = "builtin:digits,shape_loc"
 ARGS = ["--methods", "linear,lora", "--epochs", "1", "--max-test", "200", "--quiet"]
@@ -94,7 +94,8 @@ def test_load_rows_closes_its_file(tmp_path):
 
 
 def test_search_unlocks_each_grids_final_runs_as_soon_as_it_is_done(tmp_path):
-    from peftvision.compare import LR_GRID, WD_GRID, CompareConfig, _plan
+    from peftvision.compare.jobs import CompareConfig
+    from peftvision.compare.plan import LR_GRID, WD_GRID, _plan
 
     cc = CompareConfig(methods=("linear", "lora"), model="pv_vit_tiny_32", search=True, seeds=2)
     grid, then = _plan(cc, ["builtin:digits", "builtin:shape_loc"], tmp_path)

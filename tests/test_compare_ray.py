@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from peftvision.cli import main
-from peftvision.report import load_rows
+from peftvision.compare.report import load_rows
 
 TASKS = "builtin:digits,shape_loc"
 TESTS = Path(__file__).resolve().parent
@@ -119,8 +119,8 @@ def test_engine_flags_are_checked(tmp_path, capsys):
 
 
 def test_an_address_nobody_listens_on_fails_fast():
+    from peftvision.compare.ray import _reachable
     from peftvision.errors import ConfigError
-    from peftvision.ray_engine import _reachable
 
     with pytest.raises(ConfigError, match="no Ray cluster at 127.0.0.1:1"):
         _reachable("127.0.0.1:1")  # Ray's own ray.init would retry it for minutes

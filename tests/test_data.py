@@ -10,7 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from peftvision.data import build_loader, list_tasks, load_task, make_transform, open_image
+from peftvision.data import (
+    build_loader,
+    list_tasks,
+    load_task,
+    make_transform,
+    open_image,
+)
 from peftvision.data.protocol import stratified_choice
 from peftvision.errors import DataError
 
@@ -170,7 +176,7 @@ def test_symlinked_split_and_class_folders(tmp_path):
 def test_resize_per_source_and_override(tmp_path):
     import timm
 
-    from peftvision.config import TrainConfig
+    from peftvision.training.config import TrainConfig
 
     class_folder(tmp_path, {"a": 5, "b": 5})
     assert load_task(f"imagefolder:{tmp_path}").resize == "crop"

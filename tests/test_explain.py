@@ -3,20 +3,18 @@ merged models; the model is left exactly as it was."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import BACKBONES, make_input, make_model, randomize_trainable
 from PIL import Image
 
 import peftvision as pv
 from peftvision.cli import main
 from peftvision.errors import ConfigError, UnsupportedModelError
 from peftvision.explain import attention_maps, explain, grad_cam, token_layout
-
-from conftest import BACKBONES, make_input, make_model, randomize_trainable
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 BACKBONE = SHARED / "backbones" / "vit_tiny_patch16_224.in1k_tin200.safetensors"

@@ -8,12 +8,11 @@ import os
 import pytest
 import timm
 import torch
+from conftest import BACKBONES, FAMILIES, make_input, make_model, randomize_trainable
 
 import peftvision as pv
 from peftvision.errors import AdapterFileError, PeftVisionError
 from peftvision.methods import build_config, get_method
-
-from conftest import BACKBONES, FAMILIES, make_input, make_model, randomize_trainable
 
 METHODS = pv.list_methods()
 

@@ -15,9 +15,9 @@ import torch
 
 import peftvision as pv
 from peftvision.cli import main
-from peftvision.config import TrainConfig
 from peftvision.errors import PeftVisionError
-from peftvision.finetune import finetune
+from peftvision.training.config import TrainConfig
+from peftvision.training.finetune import finetune
 
 SHORT = ["--epochs", "1", "--batch-size", "100", "--num-workers", "0", "--max-test", "200", "--quiet"]
 
@@ -195,7 +195,7 @@ def test_bad_input_gives_one_line(tmp_path, capsys, fast, argv, message):
 
 def _parsed_config(argv: list[str]):
     from peftvision.cli import build_parser
-    from peftvision.config import build_config
+    from peftvision.training.config import build_config
 
     args = build_parser().parse_args(["finetune", *argv])
     return build_config(args.recipe, args.set, {name: getattr(args, name) for name in args.config_fields})
@@ -242,7 +242,7 @@ def test_resume_refuses_settings_it_would_ignore(tmp_path, capsys, fast):
 
 
 def test_recipes_in_the_repo_are_valid():
-    from peftvision.config import load_recipe
+    from peftvision.training.config import load_recipe
 
     recipes = sorted(Path(__file__).parent.parent.glob("recipes/*.yaml"))
     assert recipes
@@ -266,7 +266,6 @@ def test_eval_and_predict_on_a_trained_adapter(tmp_path, capsys, fast, backbone_
     metrics = json.loads((out / "metrics.json").read_text())
     assert result["top1"] >= 0 and result["split"] == "test"
 
-    from PIL import Image
 
     from peftvision.data import load_task
 

@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import BACKBONES, make_input, randomize_trainable
 
 import peftvision as pv
-from peftvision.card import CARD_NAME, MARKER, finetune_command
+from peftvision.adapters.card import CARD_NAME, MARKER, finetune_command
 from peftvision.cli import main
-from peftvision.config import TrainConfig
 from peftvision.errors import AdapterFileError
-
-from conftest import BACKBONES, make_input, randomize_trainable
+from peftvision.training.config import TrainConfig
 
 MAIN_COMMIT = "a" * 40
 DEV_COMMIT = "b" * 40
@@ -86,8 +85,8 @@ def test_hub_adapters_load_from_the_cache_like_their_directories(cached_repo):
 def test_cli_predict_and_serve_parsing_take_hub_adapters(tmp_path, capsys, cached_repo):
     from PIL import Image
 
-    from peftvision.multi import MultiAdapterModel
-    from peftvision.serve import find_adapters
+    from peftvision.serving.http import find_adapters
+    from peftvision.serving.multi import MultiAdapterModel
 
     ckpt, main_dir, dev_dir = cached_repo
     image = tmp_path / "x.png"
@@ -290,5 +289,5 @@ def test_finetune_card_has_the_runs_metrics_and_command(tmp_path, backbone_check
 def test_a_python_run_card_names_the_call():
     cfg = TrainConfig(method="lora", dataset="builtin:digits", epochs=2)
     assert finetune_command(cfg) == (
-        "peftvision.finetune(peftvision.TrainConfig(dataset='builtin:digits', epochs=2))"
+        "peftvision.training.finetune(peftvision.TrainConfig(dataset='builtin:digits', epochs=2))"
     )

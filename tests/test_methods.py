@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import copy
+import dataclasses
 
 import pytest
 import torch
+from conftest import FAMILIES, make_input, make_model, randomize_trainable
 from torch import nn
 
 import peftvision as pv
 from peftvision.errors import ConfigError, PeftVisionError, UnsupportedModelError
 from peftvision.methods import build_config, get_method
-
-from conftest import FAMILIES, make_input, make_model, randomize_trainable
 
 METHODS = pv.list_methods()
 
@@ -390,7 +388,7 @@ def test_offline_hub_download_gives_one_line_hint():
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
 def test_grad_checkpointing_gives_the_same_gradients_or_a_clear_error(family, method):
-    from peftvision.injection import enable_grad_checkpointing
+    from peftvision.methods.inject import enable_grad_checkpointing
 
     x = make_input(family)
 

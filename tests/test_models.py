@@ -11,9 +11,19 @@ import timm
 import torch
 
 import peftvision as pv
-from peftvision.models import DEFAULT_MODEL, DEFAULT_MODELS, register_default_models
+from peftvision.backbones.embedded import (
+    DEFAULT_MODEL,
+    DEFAULT_MODELS,
+    register_default_models,
+)
+from peftvision.backbones.weights import (
+    ARCHITECTURES,
+    INPUT_SIZE,
+    PRETRAIN_CLASSES,
+    weights_path,
+)
 from tools.pretrain.scenes import SHAPES, SceneConfig, SceneTask
-from peftvision.weights import ARCHITECTURES, INPUT_SIZE, PRETRAIN_CLASSES, weights_path
+
 
 def _random(name: str, num_classes: int = PRETRAIN_CLASSES, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)

@@ -6,13 +6,17 @@ import copy
 
 import pytest
 import torch
+from conftest import FAMILIES, make_input, make_model, randomize_trainable
 
 import peftvision as pv
-from peftvision.errors import AdapterExistsError, BaseMismatchError, ConfigError, UnknownAdapterError
+from peftvision.errors import (
+    AdapterExistsError,
+    BaseMismatchError,
+    ConfigError,
+    UnknownAdapterError,
+)
 from peftvision.methods import get_method
-from peftvision.multi import MultiAdapterModel
-
-from conftest import FAMILIES, make_input, make_model, randomize_trainable
+from peftvision.serving.multi import MultiAdapterModel
 
 
 def _adapters(base, tmp_path, methods=None):

@@ -8,8 +8,14 @@ import torch
 
 from peftvision.data.protocol import Pool, benchmark_aliases, protocol_splits
 from peftvision.data.task import Task
-from peftvision.probe import L2_GRID, extract_features, fit_probe, head_linear, set_head
-from peftvision.selection import MIN_SELECTION_IMAGES, choose_selection
+from peftvision.training.probe import (
+    L2_GRID,
+    extract_features,
+    fit_probe,
+    head_linear,
+    set_head,
+)
+from peftvision.training.selection import MIN_SELECTION_IMAGES, choose_selection
 
 
 def _task(n_train: int, n_val: int = 0, n_test: int = 50, classes: int = 2, benchmark: bool = False) -> Task:

@@ -12,11 +12,10 @@ import time
 
 import pytest
 import torch
+from conftest import make_model, randomize_trainable
 
 import peftvision as pv
 from peftvision.cli import main
-
-from conftest import make_model, randomize_trainable
 
 httpx = pytest.importorskip("httpx", reason="the serve extra (httpx, FastAPI, uvicorn) is not installed")
 uvicorn = pytest.importorskip("uvicorn", reason="the serve extra is not installed")
@@ -52,8 +51,8 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(setup):
     """The app of `peftvision serve --adapters-dir ... --checkpoint ...` on a free loopback port."""
-    from peftvision.multi import MultiAdapterModel
-    from peftvision.serve import create_app, find_adapters
+    from peftvision.serving.http import create_app, find_adapters
+    from peftvision.serving.multi import MultiAdapterModel
 
     root, ckpt, _ = setup
     model = MultiAdapterModel.from_adapters(find_adapters(None, str(root / "adapters")), checkpoint=ckpt)

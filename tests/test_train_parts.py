@@ -9,15 +9,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import make_input, make_model
 
 import peftvision as pv
-from peftvision.checkpoint import load_checkpoint, save_checkpoint
-from peftvision.config import TrainConfig, parse_overrides
-from peftvision.errors import ConfigError, PeftVisionError
 from peftvision.data import EpochSampler
-from peftvision.train import build_optimizer, build_scheduler
-
-from conftest import make_input, make_model
+from peftvision.errors import ConfigError, PeftVisionError
+from peftvision.training.checkpoint import load_checkpoint, save_checkpoint
+from peftvision.training.config import TrainConfig, parse_overrides
+from peftvision.training.loop import build_optimizer, build_scheduler
 
 
 def test_optimizer_takes_only_trainable_and_decays_only_matrices():
@@ -75,7 +74,7 @@ def test_any_timm_optimizer_by_name(name):
 
 
 def test_unknown_optimizer_is_one_line():
-    from peftvision.train import check_optimizer
+    from peftvision.training.loop import check_optimizer
 
     with pytest.raises(ConfigError, match="unknown optimizer 'adamx'; timm has: .*adamw"):
         check_optimizer("adamx")
@@ -132,7 +131,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     sched = build_scheduler(opt, 1, 5)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     save_checkpoint(tmp_path / "ckpt", params, opt, sched, {"epoch": 1})
-    import peftvision.checkpoint as ck
+    import peftvision.training.checkpoint as ck
 
     monkeypatch.setattr(ck, "save_tensors", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
@@ -160,16 +159,16 @@ def test_overrides_and_config_validation():
 @pytest.mark.parametrize("method", pv.list_methods())
 def test_lr_defaults_to_the_methods_own_and_a_given_lr_wins(method):
     from peftvision.methods import get_method
-    from peftvision.config import resolve_config
+    from peftvision.training.config import resolve_config
 
     assert TrainConfig(method=method).lr is None
-    # the method's own lr is for real pretrained timm backbones; the embedded 32-px ones carry their own
-    # (measured on them), and 10x the method's for a method they were not measured with
-    from peftvision.weights import ARCHITECTURES, EMBEDDED_LRS
+    # the method's own lr is for real pretrained timm backbones; on the embedded 32-px ones, the method's
+    # `embedded_lr` (measured on them), or 10x its own where it declares none
+    from peftvision.backbones.weights import ARCHITECTURES
 
-    own = get_method(method).default_lr
+    own, declared = get_method(method).default_lr, get_method(method).embedded_lr
     assert resolve_config(TrainConfig(method=method, model="vit_base_patch16_224.augreg2_in21k_ft_in1k")).lr == own > 0
-    embedded = EMBEDDED_LRS.get(method, own * ARCHITECTURES["pv_vit_tiny_32"]["lr_scale"])
+    embedded = declared if declared is not None else own * ARCHITECTURES["pv_vit_tiny_32"]["lr_scale"]
     assert resolve_config(TrainConfig(method=method)).lr == pytest.approx(embedded)  # pv_vit_tiny_32
     assert resolve_config(TrainConfig(method=method, model="pv_swin_tiny_32")).lr == pytest.approx(embedded)
     assert resolve_config(TrainConfig(method=method, lr=0.123)).lr == 0.123
@@ -186,7 +185,7 @@ def test_peak_memory_restarts_per_run():
     # in a fresh process: here, garbage collection of earlier tests' models could free memory mid-test
     code = """
 import numpy as np
-from peftvision.report import peak_memory_mb, reset_peak_memory
+from peftvision.training.report import peak_memory_mb, reset_peak_memory
 reset_peak_memory()
 start = peak_memory_mb()
 big = np.ones(200 * 2**20 // 8)  # 200 MB, touched, then given back to the OS
@@ -243,8 +242,8 @@ def test_resolved_config_holds_every_method_option(method):
     the same way after a method's defaults change."""
     from dataclasses import fields
 
-    from peftvision.config import resolve_config
     from peftvision.methods import build_config, get_method
+    from peftvision.training.config import resolve_config
 
     options = resolve_config(TrainConfig(method=method)).options
     assert set(options) == {f.name for f in fields(get_method(method).config_cls)}

@@ -14,9 +14,9 @@ the sources (`images` decodes their files); `protocol` draws the splits; `task` 
 from __future__ import annotations
 
 from .images import decode_image, open_image, to_rgb
+from .loaders import EpochSampler, RunLoaders, build_loader, run_loaders
 from .specs import KINDS, list_tasks, load_task, summarize_task
 from .task import GROUPS, SPLITS, Split, Task, TaskDataset
-from .loaders import EpochSampler, RunLoaders, build_loader, run_loaders
 from .transforms import RESIZE_MODES, input_size, make_transform
 
 # What `peftvision finetune` trains on when no dataset is given: small, real images, bundled with

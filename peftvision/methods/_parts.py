@@ -1,6 +1,6 @@
 """What a trained adapter adds to the frozen base, in forms a multi-adapter model can batch per sample.
 
-`Method.serve_parts` describes a loaded adapter as a list of these. `peftvision.multi` stacks the parts
+`Method.serve_parts` describes a loaded adapter as a list of these. `peftvision.serving.multi` stacks the parts
 of many adapters site by site and applies them with batched matmuls, each sample with its own slice,
 in one forward pass of the shared backbone. A method's file says *what* it adds; how per-sample
 batching is done lives in one place and knows no method by name.

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Iterator, Mapping
 
 from torch import nn
 
-from ..backbone import Backbone
+from ..backbones.backbone import Backbone
 from ..errors import ConfigError, PeftVisionError
 from ._parts import OwnModel, Part
 
@@ -57,6 +57,9 @@ class Method:
     # for the embedded ones). It belongs to the method, not the trainer: each method reacts to lr
     # differently, so one global default is wrong for most (benchmarks/default-lr.md).
     default_lr: ClassVar[float] = 1e-3
+    # lr on peftvision's embedded 32-px backbones (weakly pretrained, a few dozen steps), measured there;
+    # None: `default_lr` x the backbone's `lr_scale`
+    embedded_lr: ClassVar[float | None] = None
     kind: ClassVar[str] = "peft"  # "baseline" (linear, full, BitFit): listed first, as tables show them
     identity_at_init: ClassVar[bool] = True  # an injected model computes what the base did (zero-init update)
     trains_base_weights: ClassVar[bool] = False  # unfreezes weights of the base rather than adding modules
@@ -131,11 +134,15 @@ def get_method(name: str) -> Method:
 
 
 def default_lr(method: str, model: str) -> float:
-    """The lr a run of `method` on `model` gets when none is given: the method's own (for real
-    pretrained backbones), or what an embedded backbone carries for it (`peftvision.weights`)."""
-    from ..weights import backbone_lr
+    """The lr a run of `method` on `model` gets when none is given: the method's own for real pretrained
+    backbones, or its `embedded_lr` on an embedded backbone (`peftvision.backbones.weights`)."""
+    from ..backbones.weights import embedded_lr_scale
 
-    return backbone_lr(model, method, get_method(method).default_lr)
+    m = get_method(method)
+    scale = embedded_lr_scale(model)
+    if scale is None:
+        return m.default_lr
+    return m.embedded_lr if m.embedded_lr is not None else m.default_lr * scale
 
 
 def build_config(method: str | Method, options: dict[str, Any] | None = None) -> Any:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbone import Backbone
+from ..backbones.backbone import Backbone
 from ._parts import Bottleneck as BottleneckPart
 from ._parts import Part
 from ._registry import Method, PeftModule, register_method
@@ -98,6 +98,7 @@ class HoulsbyAdapter(Method):
     name = "adapter"
     config_cls = AdapterConfig
     default_lr = 3e-3  # the up-projection starts at 0, as LoRA's B, and wants the same lr (benchmarks/default-lr.md)
+    embedded_lr = 1e-2  # on the embedded 32-px backbones (benchmarks/default-lr.md)
     silent_at_init = ("adapter.down",)  # before the zero up-projection
     examples = (dict(dim=4, placement="attn+ffn"), dict(placement="parallel", scale=0.5))
 

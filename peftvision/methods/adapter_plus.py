@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..backbone import Backbone
+from ..backbones.backbone import Backbone
 from ._parts import Bottleneck as BottleneckPart
 from ._parts import Part
 from ._registry import Method, PeftModule, register_method
@@ -76,6 +76,7 @@ class AdapterPlus(Method):
     name = "adapter-plus"
     config_cls = AdapterPlusConfig
     default_lr = 3e-3  # as the Houlsby adapter (benchmarks/default-lr.md)
+    embedded_lr = 1e-2  # on the embedded 32-px backbones (benchmarks/default-lr.md)
     identity_at_init = False  # Houlsby's init: both projections small but non-zero
     examples = (dict(dim=4, drop_path=0.0),)
 

@@ -11,7 +11,7 @@ from typing import Iterator
 
 from torch import nn
 
-from ..backbone import Backbone
+from ..backbones.backbone import Backbone
 from ._parts import Bias, OwnModel, Part
 from ._registry import Method, register_method
 
@@ -38,6 +38,7 @@ class LinearProbe(_Baseline):
 
     name = "linear"
     default_lr = 3e-3  # a head from scratch on frozen features tolerates a larger step
+    embedded_lr = 3e-2  # on the embedded 32-px backbones (benchmarks/default-lr.md)
 
     def trainable_parameters(self, model: nn.Module, backbone: Backbone, config: NoOptions) -> Iterator[nn.Parameter]:
         return iter(())
@@ -55,6 +56,7 @@ class FullFineTuning(_Baseline):
 
     name = "full"
     default_lr = 1e-4  # every pretrained weight moves: the literature's 1e-4
+    embedded_lr = 1e-3  # on the embedded 32-px backbones (benchmarks/default-lr.md)
     freeze_backbone = False
     saves_backbone = True
     trains_base_weights = True
@@ -73,6 +75,7 @@ class BitFit(_Baseline):
 
     name = "bitfit"
     default_lr = 1e-3  # biases are few and start from pretrained values
+    embedded_lr = 1e-2  # on the embedded 32-px backbones (benchmarks/default-lr.md)
     trains_base_weights = True
 
     def expected_params(self, model: nn.Module, backbone: Backbone, config: NoOptions) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbone import Backbone
+from ..backbones.backbone import Backbone
 from ._parts import Affine, Part
 from ._registry import register_method
 from .lora import LoRA, LoRAConfig, LoRALinear
@@ -81,6 +81,7 @@ class DoRA(LoRA):
     name = "dora"
     config_cls = DoRAConfig
     default_lr = 3e-3  # LoRA's: the magnitude starts at the rows' norms and the direction as LoRA's
+    embedded_lr = 1e-2  # on the embedded 32-px backbones (benchmarks/default-lr.md)
     layer_cls = DoRALinear
     examples = (dict(r=4, targets=("q", "k", "v", "proj", "fc2")), dict(targets=("qkv",)))
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbone import Backbone, BlockInfo
+from ..backbones.backbone import Backbone, BlockInfo
 from ..errors import UnsupportedModelError
 from ._parts import LowRank, Part
 from ._registry import Method, PeftModule, register_method
@@ -108,6 +108,7 @@ class FacT(Method):
     name = "fact"
     config_cls = FacTConfig
     default_lr = 3e-3  # V starts at 0, as LoRA's B
+    embedded_lr = 1e-2  # on the embedded 32-px backbones (benchmarks/default-lr.md)
     silent_at_init = (".u", ".core")  # before V = 0
     examples = (dict(r=4, targets=("qkv", "fc2"), dropout=0.0),)
 

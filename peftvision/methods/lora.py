@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbone import Backbone, BlockInfo
+from ..backbones.backbone import Backbone, BlockInfo
 from ..errors import ConfigError
 from ._parts import LowRank, Part
 from ._registry import Method, PeftModule, register_method
@@ -170,6 +170,7 @@ class LoRA(Method):
     name = "lora"
     config_cls = LoRAConfig
     default_lr = 3e-3  # B starts at 0 and alpha / r = 1: the update grows only as fast as lr lets it (benchmarks/default-lr.md)
+    embedded_lr = 1e-2  # on the embedded 32-px backbones (benchmarks/default-lr.md)
     silent_at_init = ("lora_A",)
     layer_cls: type[LoRALinear] = LoRALinear  # the wrapper inject puts on each targeted layer (DoRA's subclasses it)
     examples = (

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backbone import Backbone
+from ..backbones.backbone import Backbone
 from ..errors import PeftVisionError, UnsupportedModelError
 from ._parts import Affine, Part
 from ._registry import Method, PeftModule, register_method
@@ -95,6 +95,7 @@ class SSF(Method):
     name = "ssf"
     config_cls = SSFConfig
     default_lr = 3e-3  # scale and shift start at the identity, like LoRA's B at 0, and take the same step
+    embedded_lr = 1e-2  # on the embedded 32-px backbones (benchmarks/default-lr.md)
     examples = (dict(targets=("qkv", "fc1")), dict(targets=("norm",)))
 
     def expected_params(self, model: nn.Module, backbone: Backbone, config: SSFConfig) -> int:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbone import Backbone
+from ..backbones.backbone import Backbone
 from ..errors import UnsupportedModelError
 from ._parts import Part, Prompts
 from ._registry import Method, PeftModule, register_method
@@ -272,6 +272,7 @@ class _VPT(Method):
     config_cls = VPTConfig
     deep: bool
     default_lr = 3e-3  # prompts start from scratch, like a head (the VPT paper's SGD grid reaches far higher)
+    embedded_lr = 3e-2  # on the embedded 32-px backbones (benchmarks/default-lr.md)
     identity_at_init = False  # prompts join the attention from the first step
 
     def expected_params(self, model: nn.Module, backbone: Backbone, config: VPTConfig) -> int:

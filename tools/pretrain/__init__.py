@@ -1,4 +1,4 @@
-"""Pretraining of the backbones shipped in `peftvision/weights/`, and the evidence that it helps.
+"""Pretraining of the backbones shipped in `peftvision/backbones/`, and the evidence that it helps.
 
 - `python -m tools.pretrain --recipe recipes/pretrain-<name>.yaml`: train on procedurally
   generated scenes (`scenes.py`), save fp16 safetensors + a JSON record (`run.py`).

@@ -60,7 +60,7 @@ def make_model(name: str, pretrained: bool, seed: int = 0, weights_dir: str | No
     """A shipped model with its weights (from `weights_dir` instead, for candidate runs) or random."""
     import timm
 
-    from peftvision.models import register_default_models
+    from peftvision.backbones.embedded import register_default_models
 
     register_default_models()
     torch.manual_seed(seed)
@@ -88,8 +88,8 @@ def task_images(
 
 def probe_tasks(spec: str = "builtin:all") -> list[tuple[str, str]]:
     """(spec, VTAB group) of every built-in task available on this machine."""
-    from peftvision.data.builtin import SUITE
     from peftvision.data import list_tasks as expand
+    from peftvision.data.builtin import SUITE
 
     return [(t, SUITE[t.split(":", 1)[1]].group) for t in expand(spec)]
 
@@ -166,7 +166,7 @@ def to_markdown(rows: list[dict[str, Any]], seed: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peftvision.weights import DEFAULT_MODELS
+    from peftvision.backbones.weights import DEFAULT_MODELS
 
     p = argparse.ArgumentParser(prog="python -m tools.pretrain.probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))

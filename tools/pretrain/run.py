@@ -29,8 +29,15 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from peftvision.backbones.weights import (
+    ARCHITECTURES,
+    INPUT_SIZE,
+    MEAN,
+    STD,
+    WEIGHTS_DIR,
+)
 from peftvision.errors import ConfigError, PeftVisionError
-from peftvision.weights import ARCHITECTURES, INPUT_SIZE, MEAN, STD, WEIGHTS_DIR
+
 from .scenes import NUM_POSE, SceneConfig, SceneTask
 
 EVAL_STREAM = 1_000_003  # image stream of the held-out evaluation; training uses stream `seed`
@@ -94,7 +101,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_pretrain_recipe(path: str | None, overrides: dict[str, Any] | None = None, model: str | None = None) -> Recipe:
-    from peftvision.config import load_recipe
+    from peftvision.training.config import load_recipe
 
     raw = _merge(load_recipe(path) if path else {}, overrides or {})
     if model:
@@ -143,7 +150,8 @@ def to_input(image: Any) -> Any:
 
 def _build_model(recipe: Recipe) -> tuple[Any, Any]:
     import timm
-    from peftvision.models import register_default_models
+
+    from peftvision.backbones.embedded import register_default_models
 
     register_default_models()
     torch.manual_seed(recipe.seed)
@@ -367,7 +375,7 @@ def pretrain(recipe: Recipe, output: Path, log: Any = print, command: str | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peftvision.config import parse_overrides
+    from peftvision.training.config import parse_overrides
 
     p = argparse.ArgumentParser(
         prog="python -m tools.pretrain",

@@ -28,14 +28,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import architecture_signature, create_model, describe, load_model, model_spec, weights_fingerprint
-from .data import input_size
-from .errors import AdapterExistsError, AdapterFileError, BaseMismatchError, ConfigError, PeftVisionError, UnknownAdapterError
-from .export import WEIGHTS_NAME, load_adapter, read_adapter_config
-from .hub import resolve_adapter
-from .freeze import get_state, param_report, unwrap
-from .methods import get_method
-from .methods._parts import Affine, Bias, Bottleneck, LowRank, OwnModel, Part, Prompts
+from ..adapters.format import WEIGHTS_NAME, read_adapter_config
+from ..adapters.hub import resolve_adapter
+from ..adapters.io import load_adapter
+from ..backbones.backbone import (
+    architecture_signature,
+    create_model,
+    describe,
+    load_model,
+    model_spec,
+    weights_fingerprint,
+)
+from ..data import input_size
+from ..errors import (
+    AdapterExistsError,
+    AdapterFileError,
+    BaseMismatchError,
+    ConfigError,
+    PeftVisionError,
+    UnknownAdapterError,
+)
+from ..methods import get_method
+from ..methods._parts import Affine, Bias, Bottleneck, LowRank, OwnModel, Part, Prompts
+from ..methods.freeze import get_state, param_report, unwrap
 
 BASE = "base"  # the name that selects the plain backbone and its own head
 # activations a bottleneck may use here: each maps 0 to 0, so zero-padded widths stay exact
@@ -220,7 +235,7 @@ class MultiAdapterModel(nn.Module):
         """Build the base the adapters name (from the hub, or `checkpoint`) and load them all."""
         if not adapters:
             raise ConfigError("no adapters given")
-        info = read_adapter_config(next(iter(adapters.values())))["model"]
+        info = read_adapter_config(resolve_adapter(next(iter(adapters.values()))))["model"]
         name, kwargs = info["name"], info.get("kwargs") or {}
         if checkpoint is None:
             base = create_model(name, pretrained=pretrained, **kwargs)
@@ -522,7 +537,7 @@ class MultiAdapterModel(nn.Module):
 
     def transform(self, name: str) -> Callable[[Any], torch.Tensor]:
         """The eval preprocessing `name` was trained with (PIL image -> (C, H, W))."""
-        from .data import make_transform
+        from ..data import make_transform
 
         resize = "crop" if name == BASE else self.info(name).resize
         if resize not in self._transforms:

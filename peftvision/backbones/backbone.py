@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .errors import ConfigError, PeftVisionError, UnsupportedModelError
+from ..errors import ConfigError, PeftVisionError, UnsupportedModelError
 
 Family = Literal["vit", "swin"]
 
@@ -222,7 +222,7 @@ def create_model(
     """
     import timm
 
-    from .models import register_default_models
+    from .embedded import register_default_models
 
     register_default_models()  # peftvision's own small pretrained backbones
     try:
@@ -270,7 +270,7 @@ def load_model(name: str, checkpoint: str | None = None, num_classes: int | None
         return create_model(name, pretrained=True, checkpoint=checkpoint, num_classes=num_classes, **kwargs)
     from safetensors import safe_open
 
-    from .files import load_tensors
+    from ..files import load_tensors
 
     _check_weights_file(checkpoint)
     tensors = load_tensors(checkpoint)  # a damaged file: one line

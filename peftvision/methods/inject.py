@@ -6,10 +6,10 @@ from typing import Any
 
 from torch import nn
 
-from .backbone import architecture_signature, describe, weights_fingerprint
-from .errors import PeftVisionError
+from ..backbones.backbone import architecture_signature, describe, weights_fingerprint
+from ..errors import PeftVisionError
+from . import build_config, get_method
 from .freeze import PeftState, apply_freeze, get_state, install_eval_hook
-from .methods import build_config, get_method
 
 
 def inject(model: nn.Module, method: str, **options: Any) -> nn.Module:

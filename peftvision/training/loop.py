@@ -18,12 +18,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..data import RunLoaders
+from ..errors import ConfigError, TrainingDiverged
+from ..ui import GracefulInterrupt
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import RunLoaders
-from .errors import ConfigError, TrainingDiverged
 from .evaluate import evaluate_model
-from .ui import GracefulInterrupt
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -36,7 +36,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     from timm.optim import create_optimizer_v2
 
     if cfg.lr is None:
-        raise ConfigError("lr is unset: resolve the config first (peftvision.finetune.resolve_config fills the method's)")
+        raise ConfigError("lr is unset: resolve the config first (peftvision.training.finetune.resolve_config fills the method's)")
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("the model has no trainable parameters: inject a method first")
     try:

@@ -17,10 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import (
-    AdapterExistsError, AdapterFileError, BaseMismatchError, ConfigError, DataError, PeftVisionError, UnknownAdapterError,
+from ..adapters.format import CONFIG_NAME
+from ..errors import (
+    AdapterExistsError,
+    AdapterFileError,
+    BaseMismatchError,
+    ConfigError,
+    DataError,
+    PeftVisionError,
+    UnknownAdapterError,
 )
-from .export import CONFIG_NAME
 from .multi import MultiAdapterModel
 
 
@@ -137,7 +143,7 @@ def create_app(model: MultiAdapterModel, max_batch: int = 32, max_wait_ms: float
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from .data import decode_image
+    from ..data import decode_image
 
     batcher = Batcher(model, max_batch=max_batch, max_wait_ms=max_wait_ms)
     limit = int(max_image_mb * 1_000_000)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -194,7 +194,7 @@ def build_config(recipe: str | None = None, sets: list[str] | None = None, flags
     A recipe's `options:` and `--set METHOD.OPTION=...` are the method's options; options addressed to
     another method than the one that runs are ignored, so one recipe can carry several methods'.
     """
-    from .methods import list_methods
+    from ..methods import list_methods
 
     values: dict[str, Any] = load_recipe(recipe) if recipe else {}
     overrides = parse_overrides(sets)
@@ -212,9 +212,9 @@ def build_config(recipe: str | None = None, sets: list[str] | None = None, flags
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """Fill the defaults that depend on what is installed, on the backbone or on the method."""
-    from .data import DEFAULT_TASK
-    from .methods import build_config, config_to_dict, default_lr
-    from .weights import DEFAULT_MODEL
+    from ..backbones.weights import DEFAULT_MODEL
+    from ..data import DEFAULT_TASK
+    from ..methods import build_config, config_to_dict, default_lr
 
     model = cfg.model or DEFAULT_MODEL
     lr = cfg.lr if cfg.lr is not None else default_lr(cfg.method, model)
@@ -237,7 +237,7 @@ def read_run_config(output: str | Path) -> TrainConfig:
     """The resolved config a run saved in its directory (to resume it)."""
     import yaml
 
-    from .errors import PeftVisionError
+    from ..errors import PeftVisionError
 
     path = Path(output) / "config.yaml"
     if not path.is_file():

@@ -27,9 +27,9 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
-from .compare import CompareConfig, Job, Then, failed_row, run_job
-from .errors import ConfigError
-from .ui import RunsProgress
+from ..errors import ConfigError
+from ..ui import RunsProgress
+from .jobs import CompareConfig, Job, Then, failed_row, run_job
 
 MARKER = ".peftvision-ray-marker"
 RETRIES = 3  # a task whose worker process died is run again, resuming from its checkpoint
@@ -128,7 +128,7 @@ def _collect(ray: Any, ref: Any, job: Job) -> tuple[dict[str, Any], str | None]:
 def _write_back(out: Path, files: dict[str, bytes]) -> None:
     """A returned run directory, each file atomically; files of an earlier attempt not in it go (as run_job
     clears a run that failed before its first checkpoint)."""
-    from .files import atomic_write
+    from ..files import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.iterdir():

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import PeftVisionError
-from .files import load_tensors, save_tensors
+from ..errors import PeftVisionError
+from ..files import load_tensors, save_tensors
 
 TENSORS = "state.safetensors"
 META = "state.json"

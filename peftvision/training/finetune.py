@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-
+from ..errors import Interrupted, PeftVisionError
 from .config import TrainConfig, resolve_config
-from .errors import Interrupted, PeftVisionError
-from .train import LoopState
+from .loop import LoopState
 
 
 class _Log:
@@ -50,10 +49,10 @@ def finetune(
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
-    from .files import write_yaml
+    from ..files import write_yaml
+    from .loop import check_optimizer
     from .report import reset_peak_memory
     from .tracking import log_dir, start_trackers, trackers
-    from .train import check_optimizer
 
     cfg = resolve_config(cfg)
     report_to = trackers(cfg.report_to)  # before any work: a missing tracker or optimizer is one line
@@ -87,15 +86,15 @@ def _run(
     cfg: TrainConfig, accelerator: Any, output: Path, resume: bool, on_epoch_end: Callable[[LoopState], None] | None,
 ) -> dict[str, Any]:
     """finetune's body once the accelerator and the trackers run."""
-    from .backbone import create_model
-    from .data import load_task, run_loaders
-    from .export import save_adapter
-    from .freeze import get_state, param_report
-    from .injection import enable_grad_checkpointing, inject
+    from ..adapters.io import save_adapter
+    from ..backbones.backbone import create_model
+    from ..data import load_task, run_loaders
+    from ..methods.freeze import get_state, param_report
+    from ..methods.inject import enable_grad_checkpointing, inject
+    from ..ui import Progress
+    from .loop import train
     from .report import write_history
     from .selection import choose_selection
-    from .train import train
-    from .ui import Progress
 
     main = accelerator.is_main_process
     log = _Log(output / "log.jsonl" if main else None)
@@ -163,12 +162,13 @@ def _run(
 def _finish(cfg: TrainConfig, accelerator: Any, output: Path, task: Any, model: Any, loaders: Any, selection: Any,
             splits: dict, report: Any, probe: dict[str, Any], loop: LoopState, log: _Log) -> dict[str, Any]:
     """Test the kept adapter and write the run's files (every process reads the adapter the main process wrote)."""
+    from ..adapters.format import WEIGHTS_NAME
+    from ..adapters.io import load_best
+    from ..files import write_json
+    from ..methods.freeze import get_state
+    from ..ui import print_summary, progress_bar
     from .evaluate import evaluate_model
-    from .export import WEIGHTS_NAME, load_best
-    from .files import write_json
-    from .freeze import get_state
     from .report import peak_memory_mb, plot_curves, write_history
-    from .ui import print_summary, progress_bar
 
     main = accelerator.is_main_process
     accelerator.wait_for_everyone()
@@ -212,7 +212,7 @@ def _finish(cfg: TrainConfig, accelerator: Any, output: Path, task: Any, model: 
         write_json(output / "metrics.json", metrics)
         write_history(output / "history.csv", loop.history)
         plot_curves(output / "curves.png", loop.history, f"{cfg.method} on {cfg.dataset} ({cfg.model})")
-        from .card import finetune_command, write_card
+        from ..adapters.card import finetune_command, write_card
 
         write_card(output, metrics=metrics, command=finetune_command(cfg))  # README.md, now with the results
         if not cfg.quiet:
@@ -227,10 +227,10 @@ def _probe_head(model: Any, task: Any, cfg: TrainConfig, loaders: Any, resize: s
     val images, else by k-fold on train) and put it in the model; returns what was chosen."""
     from accelerate.utils import broadcast
 
-    from .data import build_loader, make_transform
-    from .freeze import get_state
+    from ..data import build_loader, make_transform
+    from ..methods.freeze import get_state
+    from ..ui import progress_bar
     from .probe import describe_fit, extract_features, fit_probe, head_linear, set_head
-    from .ui import progress_bar
 
     t0 = time.perf_counter()
     head = head_linear(model, get_state(model).backbone.head_names)
@@ -253,8 +253,8 @@ def _probe_head(model: Any, task: Any, cfg: TrainConfig, loaders: Any, resize: s
 
 def _probe_loop(model: Any, loaders: Any, task: Any, accelerator: Any, output: Path, probe: dict[str, Any]) -> LoopState:
     """The loop's state for a run whose whole training was the probe: one record, the adapter saved."""
+    from ..adapters.io import save_adapter
     from .evaluate import evaluate_model
-    from .export import save_adapter
 
     if "seconds" not in probe:
         raise PeftVisionError(f"nothing to resume in {output}: a linear probe has no epochs; run it again")

@@ -1,7 +1,7 @@
 """Top-1, top-k and mean per-class accuracy as an `evaluate` module shipped with peftvision.
 
 `evaluate.load("accuracy")` fetches its script from the Hugging Face Hub; this module is loaded by path
-(`peftvision.evaluate.load_metric`) so evaluation works offline. Predictions are each sample's top-k
+(`peftvision.training.evaluate.load_metric`) so evaluation works offline. Predictions are each sample's top-k
 class indices, best first, so one pass gives every accuracy.
 """
 

@@ -1,7 +1,7 @@
 """The small pretrained backbones that ship inside peftvision: names, architectures, files.
 
 This module is plain Python (no torch, no timm) so that the CLI can name the default model in its
-`--help` without paying for imports. `peftvision.models` registers these names with timm; the
+`--help` without paying for imports. `peftvision.backbones.embedded` registers these names with timm; the
 weights themselves are `<name>.safetensors` next to this file, with `<name>.json` recording how
 they were made (data, steps, wall time, upstream accuracy), both written by `python -m
 tools.pretrain` (run from a source checkout).
@@ -21,14 +21,6 @@ INPUT_SIZE = (3, 32, 32)
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 
-# Each method's default lr is for real pretrained backbones (ImageNet-scale weights, as timm's). These
-# small, weakly pretrained 32-px models, fine-tuned for a few dozen steps, carry their own: measured on
-# them (benchmarks/default-lr.md: the literature's 1e-3 for LoRA lost 6-15 points here, 1e-2 won),
-# and `lr_scale` x the method's default for a method they have not been measured with.
-EMBEDDED_LRS = {"linear": 3e-2, "full": 1e-3, "bitfit": 1e-2, "lora": 1e-2, "adapter": 1e-2,
-                "vpt-shallow": 3e-2, "vpt-deep": 3e-2,
-                "ssf": 1e-2, "adapter-plus": 1e-2, "dora": 1e-2, "fact": 1e-2}
-
 # Architecture kwargs per shipped model: `timm.create_model(<name>)` builds exactly this, and
 # the pretraining script reads it from here, so the two cannot drift apart.
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -40,7 +32,10 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
             img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0, global_pool="avg"
         ),
         classifier="head",
-        default_lrs=EMBEDDED_LRS,
+        # Each method's default lr is for real pretrained backbones (ImageNet-scale weights, as timm's).
+        # These small, weakly pretrained 32-px models, fine-tuned for a few dozen steps, want larger
+        # steps: each method declares its measured lr for them (`Method.embedded_lr`,
+        # benchmarks/default-lr.md), and lr_scale x its real-backbone lr stands in where it declares none.
         lr_scale=10.0,
     ),
     "pv_swin_tiny_32": dict(
@@ -49,7 +44,6 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
             img_size=32, patch_size=2, window_size=4, embed_dim=48, depths=(2, 2, 2), num_heads=(3, 6, 12)
         ),
         classifier="head.fc",
-        default_lrs=EMBEDDED_LRS,
         lr_scale=10.0,
     ),
 }
@@ -62,12 +56,10 @@ DEFAULT_MODELS = tuple(ARCHITECTURES)
 PRETRAIN_CLASSES = 16
 
 
-def backbone_lr(model: str, method: str, method_default: float) -> float:
-    """The default lr of `method` on `model`: an embedded backbone's own, else the method's (real backbones)."""
+def embedded_lr_scale(model: str) -> float | None:
+    """The lr scale of an embedded backbone (`pv_vit_tiny_32`, ...), None for any other model."""
     arch = ARCHITECTURES.get(model.split(".", 1)[0])
-    if arch is None:
-        return method_default
-    return float(arch["default_lrs"].get(method, method_default * arch["lr_scale"]))
+    return None if arch is None else float(arch["lr_scale"])
 
 
 def weights_path(name: str) -> Path:

@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError, PeftVisionError
 from .config import TrainConfig
-from .errors import ConfigError, PeftVisionError
+
 
 class TrackerError(PeftVisionError):
     """An experiment tracker could not start."""

@@ -11,7 +11,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import AdapterFileError, ConfigError, PeftVisionError
+from ..errors import AdapterFileError, ConfigError, PeftVisionError
+from .format import (
+    CARD_NAME,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    read_adapter_config,
+    read_adapter_tensors,
+)
 
 PREFIX = "hf:"
 # what a pushed adapter directory holds; not checkpoint/ (the full training state) nor log.jsonl
@@ -45,9 +52,6 @@ def resolve_adapter(source: str | os.PathLike) -> Path:
     if not is_hub_source(source):
         return Path(source)
     from huggingface_hub import snapshot_download
-
-    from .card import CARD_NAME
-    from .export import CONFIG_NAME, WEIGHTS_NAME
 
     repo, revision = parse_source(source)
     try:
@@ -85,7 +89,11 @@ def _hub_errors(*names: str) -> tuple[type[BaseException], ...]:
 
 def _download_error(source: str, repo: str, revision: str | None, e: Exception) -> PeftVisionError:
     from huggingface_hub.errors import (
-        GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
@@ -138,15 +146,13 @@ def push(
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    from .card import CARD_NAME, read_metrics, set_card_repo, write_card
-    from .export import WEIGHTS_NAME, read_adapter_config
-    from .files import load_tensors
+    from .card import read_metrics, set_card_repo, write_card
 
     if is_hub_source(directory):
         raise ConfigError(f"push uploads a local adapter directory, not {os.fspath(directory)}")
     path = Path(directory)
     config = read_adapter_config(path)
-    tensors = load_tensors(path / WEIGHTS_NAME)
+    tensors = read_adapter_tensors(path)
     if set(tensors) != set(config["tensors"]):
         raise AdapterFileError(f"{path / WEIGHTS_NAME} does not hold the tensors {path}/adapter_config.json lists")
     try:

@@ -1,8 +1,8 @@
-"""Adapter files (save / load), merging into a plain timm model, and export to HF PEFT's format.
+"""Save and load adapters, and merge them into a plain timm model.
 
-An adapter directory holds `adapter.safetensors` -- only the method's tensors and the head -- and
-`adapter_config.json`: what to rebuild the base with, which method with which config, and fingerprints
-of the base it was trained on, checked on load. Nothing here is ever unpickled.
+`save_adapter` describes an injected model in the adapter format (`format.py`) and writes its card;
+`load_adapter` resolves a source (a directory or `hf:USER/NAME`), rebuilds the base through timm,
+checks that it is the base the adapter was trained on, injects the method and loads the tensors.
 """
 
 from __future__ import annotations
@@ -16,33 +16,43 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
-from .backbone import ModelSpec, architecture_signature, create_model, describe, model_spec, weights_fingerprint
-from .errors import AdapterFileError, ConfigError, PeftVisionError
-from .files import atomic_write_text, load_tensors, save_tensors
-from .freeze import PeftState, get_state, param_report, remove_eval_hook, unwrap
+from .. import __version__
+from ..backbones.backbone import (
+    ModelSpec,
+    architecture_signature,
+    create_model,
+    describe,
+    model_spec,
+    weights_fingerprint,
+)
+from ..errors import AdapterFileError, ConfigError, PeftVisionError
+from ..files import save_tensors
+from ..methods import config_to_dict, get_method
+from ..methods.freeze import (
+    PeftState,
+    get_state,
+    param_report,
+    remove_eval_hook,
+    require_state,
+    unwrap,
+)
+from ..methods.inject import inject
+from .card import write_card
+from .format import (
+    FORMAT,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    read_adapter_config,
+    read_adapter_tensors,
+    write_adapter_files,
+)
 from .hub import resolve_adapter
-from .injection import inject
-from .methods import config_to_dict, get_method
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter.safetensors"
-FORMAT = "peftvision-adapter"
-FORMAT_VERSION = 1
-
 
 # ----------------------------------------------------------------------------- save
 
-def _require_state(model: nn.Module) -> PeftState:
-    state = get_state(model)
-    if state is None:
-        raise PeftVisionError("this model has no peftvision method; call peftvision.inject(model, method) first")
-    return state
-
-
 def adapter_config(model: nn.Module, class_names: list[str] | None = None) -> dict[str, Any]:
     """The JSON description of an injected model's adapter."""
-    state = _require_state(model)
+    state = require_state(model)
     model = unwrap(model)
     spec = model_spec(model)
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -78,40 +88,15 @@ def adapter_config(model: nn.Module, class_names: list[str] | None = None) -> di
 def save_adapter(model: nn.Module, directory: str | os.PathLike, class_names: list[str] | None = None) -> Path:
     """Write `adapter.safetensors` (the method's tensors + head), `adapter_config.json` and a model
     card (`README.md`, unless the directory holds a hand-written one) to `directory`."""
-    from .card import write_card
-
     config = adapter_config(model, class_names)
     params = dict(unwrap(model).named_parameters())
-    directory = Path(directory)
-    save_tensors({n: params[n] for n in config["tensors"]}, directory / WEIGHTS_NAME, {"format": FORMAT})
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    directory = write_adapter_files(directory, config, {n: params[n] for n in config["tensors"]})
     report = param_report(model)
     write_card(directory, params=(report.trainable, report.total))
     return directory
 
 
 # ----------------------------------------------------------------------------- load
-
-def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """The checked `adapter_config.json` of a directory or of a hub adapter (`hf:USER/NAME[@REVISION]`)."""
-    path = resolve_adapter(directory) / CONFIG_NAME
-    if not path.parent.is_dir():
-        raise AdapterFileError(f"adapter directory not found: {directory}")
-    if not path.is_file():
-        raise AdapterFileError(f"{directory} has no {CONFIG_NAME}: is it a directory written by save_adapter / finetune?")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{path} is not valid JSON ({e}); the file is damaged") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise AdapterFileError(f"{path} is not a peftvision adapter config (an HF PEFT directory? load it with peft)")
-    if config.get("format_version", 0) > FORMAT_VERSION:
-        raise AdapterFileError(f"{path} was written by a newer peftvision ({config.get('peftvision_version')}); upgrade")
-    for key in ("method", "method_config", "model", "base_fingerprint", "architecture_signature", "tensors"):
-        if key not in config:
-            raise AdapterFileError(f"{path} lacks the field {key!r}; the file is damaged")
-    return config
-
 
 def load_adapter(
     directory: str | os.PathLike,
@@ -131,7 +116,7 @@ def load_adapter(
     """
     local = resolve_adapter(directory)
     config = read_adapter_config(local)
-    tensors = load_tensors(local / WEIGHTS_NAME)  # validate the file before any heavy work
+    tensors = read_adapter_tensors(local)  # validate the file before any heavy work
     method = get_method(config["method"])
     info = config["model"]
     if model is None:
@@ -161,7 +146,7 @@ def load_adapter(
                 f"({info.get('name')}); load the same checkpoint, or pass ignore_fingerprint=True / --ignore-fingerprint"
             )
     inject(model, config["method"], **config["method_config"])
-    state = _require_state(model)
+    state = require_state(model)
     _copy_tensors(model, state, tensors, directory)
     names = info.get("class_names")
     state.class_names = list(names) if names is not None else None
@@ -175,7 +160,7 @@ def load_adapter(
 def load_best(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Copy the trainable tensors of the adapter file in `directory` into `model` (in place): after
     training, the best-on-validation adapter replaces the last epoch's."""
-    _copy_tensors(unwrap(model), _require_state(model), load_tensors(Path(directory) / WEIGHTS_NAME), directory)
+    _copy_tensors(unwrap(model), require_state(model), read_adapter_tensors(directory), directory)
     return model
 
 
@@ -209,7 +194,7 @@ def merge(model: nn.Module, inplace: bool = False) -> nn.Module:
         inplace: modify `model` itself instead of a copy.
     """
     model = unwrap(model)  # a compiled or DDP-wrapped model merges into a plain one
-    state = _require_state(model)
+    state = require_state(model)
     method = get_method(state.method)
     reason = method.mergeable(state.config)
     if reason is not None:
@@ -229,7 +214,7 @@ def preprocessing(model: nn.Module) -> dict[str, Any]:
     """The eval data config a model was trained with, as timm's `create_transform(**config)` takes it."""
     import timm.data
 
-    from .data import input_size
+    from ..data import input_size
 
     state = get_state(model)
     config = timm.data.resolve_data_config({}, model=unwrap(model))
@@ -247,23 +232,3 @@ def save_merged(model: nn.Module, path: str | os.PathLike) -> Path:
     merged = merge(model)
     save_tensors(merged.state_dict(), path, {"format": "pt", "peftvision.preprocessing": json.dumps(preprocessing(model))})
     return Path(path)
-
-
-# ----------------------------------------------------------------------------- HF PEFT export
-
-def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write an HF PEFT adapter directory that `peft.PeftModel.from_pretrained(timm_model, dir)` loads."""
-    state = _require_state(model)
-    model = unwrap(model)
-    peft_config, factors = get_method(state.method).to_peft(model, state.backbone, state.config)
-    # the head trains with every method: PEFT calls that `modules_to_save`
-    peft_config.modules_to_save = sorted({n.rsplit(".", 1)[0] for n in state.head_names}) or None
-    peft_config.base_model_name_or_path = model_spec(model).name
-    peft_config.inference_mode = True
-    params = dict(model.named_parameters())
-    tensors = {**factors, **{name: params[name] for name in state.head_names}}
-    tensors = {"base_model.model." + k: v for k, v in tensors.items()}
-    directory = Path(directory)
-    save_tensors(tensors, directory / "adapter_model.safetensors", {"format": "pt"})
-    atomic_write_text(directory / "adapter_config.json", json.dumps(peft_config.to_dict(), indent=2, default=list) + "\n")
-    return directory

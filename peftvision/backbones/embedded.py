@@ -1,14 +1,14 @@
 """Register peftvision's small pretrained backbones with timm, so that they load offline.
 
-After `import peftvision.models` (or `register_default_models()`),
+After `import peftvision.backbones.embedded` (or `register_default_models()`),
 
     timm.create_model("pv_vit_tiny_32", pretrained=True, num_classes=10)
 
-builds a 32x32 ViT and loads the weights shipped in `peftvision/weights/` -- no hub, no network --
+builds a 32x32 ViT and loads the weights shipped in `peftvision/backbones/` -- no hub, no network --
 replacing the pretraining head by a fresh one of the requested size, exactly as timm does for its own
 models. The registration follows timm's pattern: a `default_cfgs` table whose pretrained cfg points
 at a local `file=`, and one `@register_model` entrypoint per name. Architectures and the pretraining
-recipe live in `peftvision.weights` (importable without torch) and `python -m tools.pretrain`.
+recipe live in `peftvision.backbones.weights` (importable without torch) and `python -m tools.pretrain`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ __all__ = ["DEFAULT_MODEL", "DEFAULT_MODELS", "register_default_models"]
 _DESCRIPTION = (
     "Pretrained by peftvision on procedurally generated scenes (formula-driven: geometric objects of "
     f"{PRETRAIN_CLASSES} shapes over 8 textures; the head classifies the main object's shape); see "
-    "peftvision/weights/{name}.json for data, steps, wall time and upstream accuracy."
+    "peftvision/backbones/{name}.json for data, steps, wall time and upstream accuracy."
 )
 
 

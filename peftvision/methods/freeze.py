@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from .backbone import Backbone
+from ..backbones.backbone import Backbone
 
 
 @dataclass
@@ -50,6 +50,16 @@ def get_state(model: nn.Module) -> PeftState | None:
     return state if isinstance(state, PeftState) else None
 
 
+def require_state(model: nn.Module) -> PeftState:
+    """The model's PeftState, or one clear error for a plain model."""
+    state = get_state(model)
+    if state is None:
+        from ..errors import PeftVisionError
+
+        raise PeftVisionError("this model has no peftvision method; call peftvision.inject(model, method) first")
+    return state
+
+
 def _keep_frozen_in_eval(model: nn.Module, args: Any) -> None:
     if model.training:
         for m in model.peftvision_state.frozen_modules:
@@ -69,7 +79,7 @@ def apply_freeze(model: nn.Module, backbone: Backbone, trainable: list[nn.Parame
             method_names.append(name)
     frozen: list[nn.Module] = []
     if freeze_backbone:
-        from .methods import PeftModule
+        from . import PeftModule
 
         # What trains runs in train mode: the head, and each method module with its own submodules --
         # but not a wrapped `base_layer` (an adapter wraps timm's whole `mlp`, whose dropouts belong to
@@ -129,7 +139,7 @@ class ParamReport:
 
 def param_report(model: nn.Module) -> ParamReport:
     """Trainable / total / percent, split into the method's parameters and the head's."""
-    from .errors import PeftVisionError
+    from ..errors import PeftVisionError
 
     state = get_state(model)
     if state is None:

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-CARD_NAME = "README.md"
+from .format import CARD_NAME, WEIGHTS_NAME, read_adapter_config
+
 MARKER = "<!-- peftvision writes this card: remove this line to keep your edits from being overwritten -->"
 REPO_PLACEHOLDER = "USER/NAME"  # in the loading examples until `push` names the repo
 # the arguments of the `peftvision` command running, set by the CLI; kept here rather than in cli.py,
@@ -50,8 +51,7 @@ def write_card(
         params: (trainable, total) parameter counts; default from `metrics`, else the tensor file.
         command: what produced the adapter (a shell command or a Python call).
     """
-    from .export import read_adapter_config
-    from .files import atomic_write_text
+    from ..files import atomic_write_text
 
     directory = Path(directory)
     path = directory / CARD_NAME
@@ -64,7 +64,7 @@ def write_card(
 
 def set_card_repo(directory: str | os.PathLike, repo: str) -> None:
     """Name `repo` in the loading examples of peftvision's own card (before it is pushed there)."""
-    from .files import atomic_write_text
+    from ..files import atomic_write_text
 
     path = Path(directory) / CARD_NAME
     text = path.read_text(errors="replace") if path.is_file() else ""
@@ -88,7 +88,7 @@ def finetune_command(cfg: Any) -> str:
     defaults = type(cfg)()
     fields = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)]
     args = ", ".join(f"{name}={getattr(cfg, name)!r}" for name in fields)
-    return f"peftvision.finetune(peftvision.TrainConfig({args}))"
+    return f"peftvision.training.finetune(peftvision.TrainConfig({args}))"
 
 
 # ----------------------------------------------------------------------------- content
@@ -98,7 +98,7 @@ def base_model_id(name: str) -> str | None:
     None for models with no hub weights, as peftvision's embedded backbones."""
     from timm.models import get_pretrained_cfg
 
-    from .models import register_default_models
+    from ..backbones.embedded import register_default_models
 
     register_default_models()
     try:
@@ -186,7 +186,6 @@ def _counts(directory: Path, metrics: dict[str, Any] | None) -> tuple[int, int |
         return int(metrics["trainable_params"]), metrics.get("total_params")
     from safetensors import safe_open
 
-    from .export import WEIGHTS_NAME
 
     with safe_open(str(directory / WEIGHTS_NAME), "pt") as f:
         return sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys()), None
@@ -206,7 +205,7 @@ def _results(metrics: dict[str, Any]) -> list[str]:
 
 
 def _usage(config: dict[str, Any]) -> list[str]:
-    from .methods import build_config, get_method
+    from ..methods import build_config, get_method
 
     model, name = config["model"], config["method"]
     method = get_method(name)

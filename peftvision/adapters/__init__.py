@@ -1,0 +1,1 @@
+"""Adapters: the file format (a leaf), save / load / merge, the HF PEFT export, the model card and the Hub."""
