@@ -144,3 +144,51 @@ def test_bad_requests_get_one_line(tmp_path):
         multi(make_input("vit", batch=1), [name, name])
     with pytest.raises(ConfigError, match="bad adapter name"):
         multi.add_adapter("base", directory)
+
+
+def test_a_part_kind_owns_its_stacking_and_applying(tmp_path, monkeypatch):
+    """A new kind of part is one class: its key, stack and apply; MultiAdapterModel serves it per sample
+    without knowing it (here: a per-channel gain on one MLP output, on top of the linear method)."""
+    from dataclasses import dataclass
+
+    from peftvision.methods._parts import SitePart, stack_rows
+
+    @dataclass
+    class Gain(SitePart):
+        order = 2  # a class attribute (not annotated: not a field)
+        site: str
+        gain: torch.Tensor  # (C,)
+
+        @classmethod
+        def stack(cls, parts, module, ref):
+            gains = stack_rows(parts, "gain", parts[0].gain.shape, ref, slot0=1.0)  # (S, C); slot 0: none
+
+            def apply(slots, x, out):
+                return out * gains[slots].view(slots.numel(), *[1] * (out.dim() - 2), -1)
+
+            return apply
+
+    base = make_model("vit", num_classes=4)
+    adapters = _adapters(base, tmp_path, methods=["linear"])
+    site = "blocks.1.mlp.fc2"
+    width = base.get_submodule(site).out_features
+    gains = {name: 1 + torch.rand(width, generator=torch.Generator().manual_seed(i)) for i, name in enumerate(adapters)}
+    loading: list[str] = []  # the adapter being loaded: its gain is what its "method" adds
+
+    def serve_parts(self, model, backbone, config):
+        return [Gain(site, gains[loading[-1]].clone())]
+
+    monkeypatch.setattr(type(get_method("linear")), "serve_parts", serve_parts)
+    multi = MultiAdapterModel(base)
+    for name, (directory, _) in adapters.items():
+        loading.append(name)
+        multi.add_adapter(name, directory)
+    names = [*adapters, "base", *adapters]
+    x = make_input("vit", batch=len(names), seed=9)
+    out = multi(x, names)
+    for i, name in enumerate(names):
+        own = copy.deepcopy(base if name == "base" else adapters[name][1])
+        if name != "base":
+            own.get_submodule(site).register_forward_hook(lambda m, a, o, g=gains[name]: o * g)
+        ref = own(x[i : i + 1])[0]
+        torch.testing.assert_close(out[i, : ref.numel()], ref, rtol=0, atol=1e-5, msg=name)

@@ -1,18 +1,17 @@
 """One frozen backbone, many adapters, mixed in one batch: `MultiAdapterModel`.
 
 Each adapter is loaded as its method's `serve_parts` (low-rank updates, bottlenecks, bias values,
-prompts, or a model of its own) plus its head. Parts of one kind at one site are stacked over the
-adapters that have them, slot 0 being all zeros; a forward hook on the base module gathers each
-sample's slot and applies every sample's part with two batched matmuls (the BGMV idea of
-Punica / S-LoRA), so the cost does not grow with the number of distinct adapters in a batch and no
-Python loop runs over adapters. Padding ranks / bottleneck widths with zeros keeps every sample's
-result exact: a zero factor adds exactly zero.
+affines, prompts, or a model of its own) plus its head. The parts of one kind at one site are stacked
+over the adapters that have them, slot 0 being all zeros, by the part kind itself
+(`methods/_parts.py`); a forward hook on the base module gathers each sample's slot and applies the
+stack, so the cost does not grow with the number of distinct adapters in a batch and no Python loop
+runs over adapters.
 
-Samples are grouped only where the computation differs in shape: adapters with prompts run a pass
-per prompt group (same kind and token count), an adapter with a model of its own (full fine-tuning)
-runs that model. Everything else -- LoRA, bottleneck adapters, BitFit, linear heads, the plain base
--- shares one pass. The base's modules are never replaced: the hooks act only inside this class's
-forward, so `model.base(x)` is the plain timm model.
+Samples are grouped only where the computation differs in shape (a part's `route`): adapters with
+prompts run a pass per prompt group (same kind and token count), an adapter with a model of its own
+(full fine-tuning) runs that model. Everything else -- LoRA, bottleneck adapters, BitFit, linear
+heads, the plain base -- shares one pass. The base's modules are never replaced: the hooks act only
+inside this class's forward, so `model.base(x)` is the plain timm model.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ from ..backbones.backbone import (
     model_spec,
     weights_fingerprint,
 )
-from ..data import input_size
+from ..data import input_size, labels
 from ..errors import (
     AdapterExistsError,
     AdapterFileError,
@@ -49,14 +48,10 @@ from ..errors import (
     UnknownAdapterError,
 )
 from ..methods import get_method
-from ..methods._parts import Affine, Bias, Bottleneck, LowRank, OwnModel, Part, Prompts
+from ..methods._parts import Apply, Part, Prompts, SitePart, stack_rows
 from ..methods.freeze import get_state, param_report, unwrap
 
 BASE = "base"  # the name that selects the plain backbone and its own head
-# activations a bottleneck may use here: each maps 0 to 0, so zero-padded widths stay exact
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu, "relu": F.relu, "identity": lambda x: x,
-}
 
 
 @dataclass
@@ -81,24 +76,16 @@ class AdapterInfo:
 
 
 class _Stack:
-    """One kind of part at one site, stacked over the adapters that have it (slot 0: zeros)."""
+    """One kind of part at one site (or a head), stacked over the adapters that have it (slot 0: none)."""
 
-    def __init__(self, names: list[str], tensors: list[torch.Tensor], apply: Callable) -> None:
+    def __init__(self, names: list[str], apply: Apply | None, tensors: tuple[torch.Tensor, ...] = ()) -> None:
         self.slot = {n: i + 1 for i, n in enumerate(names)}
+        self.apply = apply
         self.tensors = tensors
-        self.apply = apply  # (stack, slots (b,), input, output) -> output
 
 
 def _short(fingerprint: str) -> str:
     return fingerprint.split(":")[-1][:12]
-
-
-def _stack(rows: list[torch.Tensor], shape: tuple[int, ...], ref: torch.Tensor) -> torch.Tensor:
-    """(len(rows) + 1, *shape) zeros with row i + 1 holding rows[i] in its leading corner."""
-    out = ref.new_zeros((len(rows) + 1, *shape))
-    for i, r in enumerate(rows):
-        out[(i + 1, *(slice(0, s) for s in r.shape))] = r
-    return out
 
 
 @dataclass
@@ -109,75 +96,6 @@ class _Head:
     def __post_init__(self) -> None:
         if self.bias is None:
             self.bias = self.weight.new_zeros(self.weight.shape[0])
-
-
-def _stack_into(parts: list[Any], attr: str, shape: tuple[int, ...], ref: torch.Tensor,
-                transpose: bool = False, slot0: Any = None) -> torch.Tensor:
-    """Stack `attr` of every part (transposed if asked; slot 0 = `slot0`, else zeros), then point each
-    part's `attr` at its row of the stack: every adapter tensor is held once, by the stack, and the
-    next rebuild (after an add or a remove) stacks the views."""
-    rows = [getattr(p, attr).to(ref.device, ref.dtype) for p in parts]
-    rows = [r.t() if transpose else r for r in rows]
-    out = _stack(rows, shape, ref)
-    if slot0 is not None:
-        out[0] = slot0
-    for i, (p, r) in enumerate(zip(parts, rows)):
-        view = out[(i + 1, *(slice(0, s) for s in r.shape))]
-        setattr(p, attr, view.t() if transpose else view)
-    return out
-
-
-# ----------------------------------------------------------------------------- batched parts
-# Inputs and outputs are (b * k, ..., C) with the k rows of one sample contiguous: (B, N, C) tokens,
-# (B * windows, N, C) for Swin's window attention, (B, C) pooled. Viewing them as (b, -1, C) gives
-# each sample its own matrix of rows.
-
-def _low_rank_apply(offset: int) -> Callable:
-    def apply(stack: _Stack, slots: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        a_t, b_t = stack.tensors  # (S, in, R), (S, R, rows)
-        b, rows = slots.numel(), b_t.shape[-1]
-        z = torch.bmm(x.reshape(b, -1, x.shape[-1]), a_t[slots])  # (b, L, R)
-        out = out.contiguous()
-        out.view(b, -1, out.shape[-1])[..., offset : offset + rows].baddbmm_(z, b_t[slots])  # += z @ B^T
-        return out
-
-    return apply
-
-
-def _bottleneck_apply(activation: Callable, reads_input: bool) -> Callable:
-    def apply(stack: _Stack, slots: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        down_t, down_b, up_t, up_b = stack.tensors  # (S, D, m), (S, m), (S, m, D_out), (S, D_out)
-        b = slots.numel()
-        z = (x if reads_input else out).reshape(b, -1, down_t.shape[1])  # (b, L, D)
-        h = activation(torch.baddbmm(down_b[slots].unsqueeze(1), z, down_t[slots]))  # (b, L, m)
-        delta = torch.baddbmm(up_b[slots].unsqueeze(1), h, up_t[slots])  # (b, L, D_out)
-        return out + delta.view(out.shape)
-
-    return apply
-
-
-def _bias_apply(channels_first: bool) -> Callable:
-    def apply(stack: _Stack, slots: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        values, base = stack.tensors  # (S, C) each adapter's bias (slot 0: the base's), (C,) the base's
-        b, d = slots.numel(), values[slots] - base
-        if channels_first:  # (b, C, H, W)
-            return (out.reshape(b, d.shape[1], -1) + d.unsqueeze(-1)).view(out.shape)
-        return (out.reshape(b, -1, d.shape[1]) + d.unsqueeze(1)).view(out.shape)
-
-    return apply
-
-
-def _affine_apply(channels_first: bool) -> Callable:
-    def apply(stack: _Stack, slots: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        scale, shift = stack.tensors  # (S, C) each; slot 0 is the identity (1, 0)
-        b, c = slots.numel(), shift.shape[1]
-        if channels_first:  # (b, C, H, W)
-            view, s, t = out.reshape(b, c, -1), scale[slots].unsqueeze(-1), shift[slots].unsqueeze(-1)
-        else:
-            view, s, t = out.reshape(b, -1, c), scale[slots].unsqueeze(1), shift[slots].unsqueeze(1)
-        return torch.addcmul(t, view, s).view(out.shape)
-
-    return apply
 
 
 # ----------------------------------------------------------------------------- the model
@@ -279,7 +197,7 @@ class MultiAdapterModel(nn.Module):
             adapter = self._load(name, directory)
             self._adapters[name] = adapter
             if adapter.route[0] == "own":
-                self._own[name] = next(p.model for p in adapter.parts if isinstance(p, OwnModel))
+                self._own[name] = next(p.model for p in adapter.parts if p.route == "own")
             try:
                 self._rebuild()
             except PeftVisionError:
@@ -338,10 +256,11 @@ class MultiAdapterModel(nn.Module):
             path: (params[f"{path}.weight"].detach(), params[f"{path}.bias"].detach() if f"{path}.bias" in params else None)
             for path in self.backbone.head_names if f"{path}.weight" in params
         }
-        if not head and not any(isinstance(p, OwnModel) for p in parts):
+        routes = {p.route for p in parts}
+        if not head and "own" not in routes:
             raise AdapterFileError(f"adapter {name!r} ({directory}) has no linear classifier head to serve")
-        groups = [p.group for p in parts if isinstance(p, Prompts)]
-        route = ("own",) if any(isinstance(p, OwnModel) for p in parts) else ("prompts", groups[0]) if groups else ("shared",)
+        groups = [p.group for p in parts if p.route == "prompts"]
+        route = ("own",) if "own" in routes else ("prompts", groups[0]) if groups else ("shared",)
         return AdapterInfo(
             name=name, directory=str(directory), method=state.method, num_classes=int(model.num_classes),
             classes=list(state.class_names) if state.class_names else [str(i) for i in range(model.num_classes)],
@@ -355,75 +274,36 @@ class MultiAdapterModel(nn.Module):
     def _rebuild(self) -> None:
         """Stack every site's parts over the loaded adapters and hook the sites (after any change)."""
         self._uninstall()
-        by_key: dict[tuple, list[tuple[str, Part]]] = {}
+        by_key: dict[tuple, list[tuple[str, SitePart]]] = {}
         prompt_groups: dict[tuple, list[tuple[str, Prompts]]] = {}
         for name, adapter in self._adapters.items():
             for part in adapter.parts:
-                if isinstance(part, Prompts):
+                if part.route == "shared":
+                    by_key.setdefault(part.key(), []).append((name, part))
+                elif part.route == "prompts":
                     prompt_groups.setdefault(part.group, []).append((name, part))
-                elif isinstance(part, (LowRank, Bottleneck, Bias, Affine)):
-                    # parts stack together when they apply alike: same site, kind and shape-defining options
-                    rows = part.b.shape[0] if isinstance(part, LowRank) else 0
-                    key = (part.site, type(part).__name__, getattr(part, "activation", ""), getattr(part, "reads", ""),
-                           getattr(part, "channels_first", False), getattr(part, "offset", 0), rows)
-                    by_key.setdefault(key, []).append((name, part))
         self._sites = {}
-        # at one site: bias values and low-rank updates belong to the op itself, then an affine of its
-        # output (DoRA's row scale reads the updated output), then bottlenecks reading the final output
-        order = {"Bias": 0, "LowRank": 1, "Affine": 2, "Bottleneck": 3}
-        for (site, kind, *_), members in sorted(by_key.items(), key=lambda item: order[item[0][1]]):
-            self._sites.setdefault(site, []).append(self._make_stack(site, members))
+        for members in sorted(by_key.values(), key=lambda members: members[0][1].order):
+            first = members[0][1]
+            apply = type(first).stack([p for _, p in members], self.base.get_submodule(first.site), self._ref)
+            self._sites.setdefault(first.site, []).append(_Stack([n for n, _ in members], apply))
         self._prompts = {
-            group: (type(members[0][1].module).stacked([p.module for _, p in members]), {n: i for i, (n, _) in enumerate(members)})
+            group: (Prompts.stack([p for _, p in members]), {n: i for i, (n, _) in enumerate(members)})
             for group, members in prompt_groups.items()
         }
         self._heads = {path: self._head_stack(path) for path in self.backbone.head_names}
         self._install()
-
-    def _make_stack(self, site: str, members: list[tuple[str, Part]]) -> _Stack:
-        names = [n for n, _ in members]
-        parts = [p for _, p in members]
-        ref = self._ref
-        first = parts[0]
-        if isinstance(first, LowRank):
-            r = max(p.a.shape[0] for p in parts)
-            a_t = _stack_into(parts, "a", (first.a.shape[1], r), ref, transpose=True)
-            b_t = _stack_into(parts, "b", (r, first.b.shape[0]), ref, transpose=True)
-            return _Stack(names, [a_t, b_t], _low_rank_apply(first.offset))
-        if isinstance(first, Bottleneck):
-            if first.activation not in _ACTIVATIONS:
-                raise ConfigError(f"{site}: cannot serve a bottleneck with activation {first.activation!r}")
-            m = max(p.down_weight.shape[0] for p in parts)
-            d, d_out = first.down_weight.shape[1], first.up_weight.shape[0]
-            tensors = [
-                _stack_into(parts, "down_weight", (d, m), ref, transpose=True),
-                _stack_into(parts, "down_bias", (m,), ref),
-                _stack_into(parts, "up_weight", (m, d_out), ref, transpose=True),
-                _stack_into(parts, "up_bias", (d_out,), ref),
-            ]
-            return _Stack(names, tensors, _bottleneck_apply(_ACTIVATIONS[first.activation], first.reads == "input"))
-        if isinstance(first, Affine):
-            c = first.scale.shape[0]
-            tensors = [_stack_into(parts, "scale", (c,), ref, slot0=1.0), _stack_into(parts, "shift", (c,), ref)]
-            return _Stack(names, tensors, _affine_apply(first.channels_first))
-        module = self.base.get_submodule(site)
-        base_bias = getattr(module, "bias", None)
-        if not isinstance(module, (nn.Linear, nn.LayerNorm, nn.Conv2d)) or base_bias is None:
-            raise ConfigError(f"cannot serve a bias of {site} ({type(module).__name__}): not a Linear, LayerNorm or Conv2d")
-        channels_first = isinstance(module, nn.Conv2d) or type(module).__name__.endswith("2d")
-        values = _stack_into(parts, "value", tuple(base_bias.shape), ref, slot0=base_bias.detach())
-        return _Stack(names, [values, base_bias.detach()], _bias_apply(channels_first))
 
     def _head_stack(self, path: str) -> _Stack:
         members = [(n, a) for n, a in self._adapters.items() if path in a.head]
         heads = [_Head(*a.head[path]) for _, a in members]
         ref = self._ref
         width = max([h.weight.shape[0] for h in heads], default=1)
-        weights = _stack_into(heads, "weight", (heads[0].weight.shape[1] if heads else 1, width), ref, transpose=True)
-        biases = _stack_into(heads, "bias", (width,), ref)
+        weights = stack_rows(heads, "weight", (heads[0].weight.shape[1] if heads else 1, width), ref, transpose=True)
+        biases = stack_rows(heads, "bias", (width,), ref)
         for (_, adapter), h in zip(members, heads):  # the adapters now hold views into the stack
             adapter.head[path] = (h.weight, h.bias)
-        return _Stack([n for n, _ in members], [weights, biases], None)
+        return _Stack([n for n, _ in members], None, (weights, biases))
 
     # ------------------------------------------------------------------------- hooks
 
@@ -453,7 +333,7 @@ class MultiAdapterModel(nn.Module):
             for stack in stacks:
                 slots = self._slots_for(stack)
                 if slots is not None:
-                    output = stack.apply(stack, slots, args[0], output)
+                    output = stack.apply(slots, args[0], output)
             return output
 
         return hook
@@ -555,13 +435,13 @@ class MultiAdapterModel(nn.Module):
         x = torch.stack([self.transform(n)(img) for img, n in zip(images, adapters)])
         return self.top_k(x, adapters, top_k)
 
+    def probabilities(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+        """(B, C) softmax probabilities per preprocessed image, each over its adapter's own classes
+        (0 in the columns past them)."""
+        return self(x.to(self.device, self.dtype), adapters).float().softmax(-1)
+
     def top_k(self, x: torch.Tensor, adapters: list[str], k: int | list[int] = 5) -> list[list[dict[str, Any]]]:
         """Top-k {label, index, score} (softmax probabilities, descending) per preprocessed image."""
-        probs = self(x.to(self.device, self.dtype), adapters).float().softmax(-1)
+        probs = self.probabilities(x, adapters)
         ks = [k] * len(adapters) if isinstance(k, int) else k
-        results = []
-        for row, name, kk in zip(probs, adapters, ks):
-            top = row.topk(min(kk, self.num_classes(name)))
-            labels = self.classes(name)
-            results.append([{"label": labels[int(i)], "index": int(i), "score": float(p)} for p, i in zip(top.values, top.indices)])
-        return results
+        return [labels.top_k(row[: self.num_classes(n)], self.classes(n), kk) for row, n, kk in zip(probs, adapters, ks)]
