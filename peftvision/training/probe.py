@@ -12,9 +12,13 @@ validation features when the run has them, else by stratified k-fold on the trai
 
 from __future__ import annotations
 
+import hashlib
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -164,3 +168,89 @@ def describe_fit(fit: ProbeFit) -> str:
     return (f"linear probe: L2 {fit.l2:.0e} chosen on {fit.chosen_on} (held-out top-1 {fit.held_out_top1:.1f}%, "
             f"loss {fit.held_out_loss:.3f})")
 
+
+
+# ----------------------------------------------------------------------------- in a run
+
+def split_features(
+    model: nn.Module, head: nn.Linear, task: Any, split: str, transform: Any, *, batch_size: int, num_workers: int,
+    accelerator: Any, model_key: dict[str, Any] | None, shown: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, labels) of a split's images as `head` reads them; through the on-disk cache when
+    `model_key` describes the model (None: the model's features are not the base's, computed live)."""
+    from ..data import build_loader
+    from ..data.task import Split, TaskDataset
+    from ..ui import progress_bar
+    from .features import cached_features, feature_key
+
+    part = task.split(split)
+
+    def compute(rows: np.ndarray) -> torch.Tensor:
+        dataset = TaskDataset(Split(part.source, rows, np.zeros(len(rows), np.int64)), transform)
+        loader = accelerator.prepare(build_loader(dataset, batch_size=batch_size, num_workers=num_workers))
+        note = ", cached for later runs" if model_key is not None else ""
+        with progress_bar(f"features of {len(rows):,} {split} images{note}", len(loader), enabled=shown) as tick:
+            return extract_features(model, head, loader, accelerator, on_batch=tick)[0]
+
+    key = feature_key(model_key, part.source) if model_key is not None else None
+    feats = cached_features(key, part.indices, compute, write=accelerator.is_main_process)
+    accelerator.wait_for_everyone()  # the cache file is complete before any process reads it again
+    return feats, torch.from_numpy(part.labels.copy()).long()
+
+
+def base_model_key(model: nn.Module, state: Any, transform: Any) -> dict[str, Any]:
+    """What the base's head-input features depend on (see features.py): weights, architecture, preprocessing,
+    and the decoding code itself."""
+    from ..backbones.backbone import model_spec
+    from ..data import images
+
+    spec = model_spec(model)
+    decoder = hashlib.sha256(Path(images.__file__).read_bytes()).hexdigest()[:16]
+    return {"weights": state.base_fingerprint, "architecture": state.architecture_signature, "name": spec.name,
+            "kwargs": spec.kwargs, "transform": repr(transform), "decoder": decoder}
+
+
+def probe_head(model: nn.Module, task: Any, cfg: Any, resize: str, accelerator: Any, cache: bool,
+               with_test: bool = False) -> dict[str, Any]:
+    """Fit the head of an injected model as a linear probe on the frozen features of its training images
+    (L2 picked on the val images, else by k-fold on train) and put it in the model. With `cache`, the
+    features come from (and go to) the on-disk cache; `with_test` adds the test split's (a probe-only
+    run is tested on them). Returns what was chosen, and the features."""
+    from accelerate.utils import broadcast
+
+    from ..data import make_transform
+    from ..methods.freeze import get_state
+
+    t0 = time.perf_counter()
+    state = get_state(model)
+    head = head_linear(model, state.backbone.head_names)
+    transform = make_transform(model, train=False, resize=resize)
+    key = base_model_key(model, state, transform) if cache else None
+    features = {
+        role: split_features(model, head, task, split, transform, batch_size=cfg.batch_size,
+                             num_workers=cfg.num_workers, accelerator=accelerator, model_key=key,
+                             shown=accelerator.is_main_process and not cfg.quiet)
+        for role, split in (("train", cfg.train_split), ("val", cfg.val_split), ("test", cfg.test_split))
+        if split and (role != "test" or with_test)
+    }
+    fit = fit_probe(features["train"], task.num_classes, features.get("val"), seed=cfg.seed)
+    set_head(head, fit)
+    for p in head.parameters():  # every process fitted the same; rank 0's is the one all keep
+        p.data.copy_(broadcast(p.data.contiguous(), from_process=0))
+    return {"l2": fit.l2, "chosen_on": fit.chosen_on, "held_out_top1": fit.held_out_top1,
+            "held_out_loss": fit.held_out_loss, "seconds": time.perf_counter() - t0, "about": describe_fit(fit),
+            "cached": cache, "features": features}
+
+
+def head_metrics(head: nn.Linear, features: tuple[torch.Tensor, torch.Tensor], num_classes: int) -> dict[str, float]:
+    """What `evaluate_model` reports, from features through the head alone (the model's own output when
+    only the head differs from the base)."""
+    from .evaluate import classification_metrics, topk_predictions
+
+    x, y = features
+    with torch.no_grad():
+        logits = head(x.to(head.weight)).float()
+    result = classification_metrics(topk_predictions(logits), y, num_classes)
+    result["loss"] = float(nn.functional.cross_entropy(logits, y))
+    result["images"] = int(len(y))
+    return result

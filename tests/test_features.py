@@ -1,0 +1,151 @@
+"""The frozen-feature cache: computed once, reused, invalidated by any change, bounded; and the runs on it
+(the linear probe, and LP-FT's starting head) compute what they compute without it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import peftvision as pv
+from peftvision.training import features as F
+from peftvision.training.config import TrainConfig
+from peftvision.training.finetune import finetune
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTVISION_CACHE", str(tmp_path / "cache"))
+
+
+class _Counter:
+    """A stand-in for the backbone: row i's feature is (i, 2i), and it counts what it was asked for."""
+
+    def __init__(self) -> None:
+        self.asked: list[list[int]] = []
+
+    def __call__(self, rows: np.ndarray) -> torch.Tensor:
+        self.asked.append(rows.tolist())
+        r = torch.from_numpy(rows).float()
+        return torch.stack([r, 2 * r], 1)
+
+
+def test_rows_are_computed_once_and_returned_in_the_order_asked():
+    compute = _Counter()
+    out = F.cached_features("k1", np.array([5, 1, 3]), compute)
+    assert out[:, 0].tolist() == [5, 1, 3] and compute.asked == [[1, 3, 5]]
+    out = F.cached_features("k1", np.array([3, 5, 1, 3]), compute)  # all cached: nothing computed
+    assert out[:, 0].tolist() == [3, 5, 1, 3] and len(compute.asked) == 1
+    out = F.cached_features("k1", np.array([7, 1]), compute)  # only the missing row is computed
+    assert out[:, 0].tolist() == [7, 1] and compute.asked[-1] == [7]
+    assert F.cached_features(None, np.array([2]), compute)[:, 1].tolist() == [4.0]  # no key: live
+
+
+def test_a_damaged_entry_is_recomputed_not_an_error():
+    compute = _Counter()
+    F.cached_features("k2", np.arange(4), compute)
+    path = F.cache_dir() / "k2.safetensors"
+    path.write_bytes(path.read_bytes()[:40])  # truncated
+    assert F.cached_features("k2", np.arange(4), compute)[:, 0].tolist() == [0, 1, 2, 3]
+    assert len(compute.asked) == 2
+
+
+def test_the_cache_keeps_under_its_cap_least_recently_used_first(monkeypatch):
+    compute = lambda rows: torch.zeros(len(rows), 1000)  # noqa: E731  -- 4 KB per row
+    F.cached_features("old", np.arange(50), compute)
+    F.cached_features("mid", np.arange(50), compute)
+    os.utime(F.cache_dir() / "old.safetensors", (1, 1))
+    monkeypatch.setenv("PEFTVISION_FEATURE_CACHE_GB", str(450_000 / 1e9))  # room for two entries of ~200 KB
+    F.cached_features("new", np.arange(50), compute)
+    names = sorted(p.stem for p in F.cache_dir().glob("*.safetensors"))
+    assert names == ["mid", "new"]
+
+
+def test_the_key_changes_with_the_model_the_preprocessing_and_the_files(tmp_path):
+    from peftvision.data.images import FileSource
+
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"{i}.png")
+        files[-1].write_bytes(b"x" * (i + 1))
+    source = FileSource(files)
+    model = {"weights": "abc", "architecture": "sig", "transform": "Resize(224)"}
+    key = F.feature_key(model, source)
+    assert key == F.feature_key(dict(model), FileSource(files))  # the same inputs: the same key
+    assert key != F.feature_key({**model, "weights": "abd"}, source)
+    assert key != F.feature_key({**model, "transform": "Resize(256)"}, source)
+    os.utime(files[1], (5, 5))  # a photo replaced in place
+    assert key != F.feature_key(model, source)
+    assert F.feature_key(model, object()) is None  # a source we cannot fingerprint is never cached
+
+
+# ----------------------------------------------------------------------------- in runs
+
+def _photos(root: Path, n: int = 12) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", n), ("test", 6)):
+        for k, cls in enumerate(("cool", "warm")):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 150, (32, 32, 3))
+                pixels[..., 0 if k else 2] += 100
+                Image.fromarray(pixels.astype("uint8")).save(root / split / cls / f"{i}.png")
+
+
+def _cfg(tmp_path: Path, backbone: str, data: Path, name: str, **kw) -> TrainConfig:
+    return TrainConfig(model="pv_vit_tiny_32", checkpoint=backbone, dataset=f"imagefolder:{data}", epochs=1,
+                       batch_size=8, num_workers=0, quiet=True, output=str(tmp_path / name), **kw)
+
+
+def _head(run: Path, backbone: str) -> dict[str, torch.Tensor]:
+    model = pv.load_adapter(run, checkpoint=backbone)
+    return {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
+
+
+def test_the_linear_probe_is_the_same_from_the_cache_and_without_it(tmp_path, backbone_checkpoint):
+    data = tmp_path / "photos"
+    _photos(data)
+    first = finetune(_cfg(tmp_path, backbone_checkpoint, data, "first", method="linear"))
+    entries = list(F.cache_dir().glob("*.safetensors"))
+    assert len(entries) == 1  # one entry per source of images: the folder, train and test rows alike
+    inodes = [p.stat().st_ino for p in entries]  # a rewrite is a new file renamed into place
+    again = finetune(_cfg(tmp_path, backbone_checkpoint, data, "again", method="linear", seed=1))
+    assert [p.stat().st_ino for p in entries] == inodes  # read, not rewritten
+    live = finetune(_cfg(tmp_path, backbone_checkpoint, data, "live", method="linear", feature_cache="off"))
+    assert first["head_init"]["cached"] and not live["head_init"]["cached"]
+    heads = [_head(tmp_path / n, backbone_checkpoint) for n in ("first", "again", "live")]
+    for other in heads[1:]:
+        assert all(torch.allclose(heads[0][k], other[k], atol=1e-5) for k in heads[0])
+    assert first["test_top1"] == again["test_top1"] == live["test_top1"]
+    # the test number read from cached features is what the saved adapter computes on the test photos
+    from peftvision.data import build_loader, load_task, make_transform
+
+    model = pv.load_adapter(tmp_path / "first", checkpoint=backbone_checkpoint)
+    task = load_task(f"imagefolder:{data}")
+    loader = build_loader(task.dataset("test", make_transform(model, resize=first["resize"])), batch_size=4)
+    assert pv.evaluate_model(model, loader, task.num_classes)["top1"] == pytest.approx(first["test_top1"])
+
+
+def test_lp_ft_starts_the_head_from_the_probe(tmp_path, backbone_checkpoint):
+    """head_init=probe: the LoRA run's head starts where the linear probe ended (B = 0 at init, so the
+    features it was fitted on are the injected model's own); random: timm's init, no probe."""
+    data = tmp_path / "photos"
+    _photos(data)
+    probe = finetune(_cfg(tmp_path, backbone_checkpoint, data, "probe", method="linear"))
+    zero = dict(lr=1e-12)  # a step too small to move anything: the kept head is the start
+    lpft = finetune(_cfg(tmp_path, backbone_checkpoint, data, "lpft", method="lora", head_init="probe", **zero))
+    rand = finetune(_cfg(tmp_path, backbone_checkpoint, data, "rand", method="lora", head_init="random", **zero))
+    assert lpft["head_init"]["init"] == "probe" and lpft["head_init"]["l2"] == probe["head_init"]["l2"]
+    assert rand["head_init"] == {"init": "random"}
+    a, b, c = (_head(tmp_path / n, backbone_checkpoint) for n in ("probe", "lpft", "rand"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert not torch.allclose(a["head.weight"], c["head.weight"], atol=1e-3)
+    assert lpft["test_top1"] == pytest.approx(probe["test_top1"])
+    log = [json.loads(line) for line in (tmp_path / "lpft" / "log.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "probe" for e in log)
