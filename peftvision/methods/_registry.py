@@ -10,8 +10,9 @@ the option sets it wants tested, and they pick it up from there.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, Iterable, Iterator, Mapping
 
+import torch
 from torch import nn
 
 from ..backbones.backbone import Backbone
@@ -62,6 +63,10 @@ class Method:
     embedded_lr: ClassVar[float | None] = None
     kind: ClassVar[str] = "peft"  # "baseline" (linear, full, BitFit): listed first, as tables show them
     identity_at_init: ClassVar[bool] = True  # an injected model computes what the base did (zero-init update)
+    # start the head from a linear probe on the frozen features (LP-FT, Kumar et al. 2022) unless a run
+    # says otherwise (`head_init`): on real photos of 60-800 images it beat a random head for LoRA
+    # (benchmarks/RESULTS.md, regime table); a method that measures worse with it sets False
+    probe_head: ClassVar[bool] = True
     trains_base_weights: ClassVar[bool] = False  # unfreezes weights of the base rather than adding modules
     # name fragments of the parameters that get no gradient on the first step because a zero-initialised
     # factor follows them (LoRA's A before B = 0); the tests hold every other trainable tensor to a gradient
@@ -83,6 +88,17 @@ class Method:
             if isinstance(module, PeftModule):
                 yield from module.adapter_parameters()
 
+    def prepare(self, model: nn.Module, backbone: Backbone, config: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """A data-aware step after `inject` and before training, run once per run (never on resume: what
+        it decides must live in the method's persistent buffers, which the adapter file and the training
+        checkpoint carry). `batches` yields (images, labels) of the training data. Default: nothing --
+        only methods that choose their parameters from the task's data (GPS) need it."""
+
+    def lr_multipliers(self, model: nn.Module, backbone: Backbone, config: Any) -> dict[str, float]:
+        """{parameter name: factor on the run's lr} for parameters that should learn faster or slower than
+        the rest (LoRA+'s B); the optimizer applies it on top of layer decay. Default: none."""
+        return {}
+
     def grad_checkpointing_unsupported(self, backbone: Backbone, config: Any) -> str | None:
         """None if activation checkpointing (recomputing blocks in backward) is safe, else why not."""
         return None
@@ -100,13 +116,19 @@ class Method:
         generically. Default: the method's modules are opaque, so its samples get their own model."""
         return [OwnModel(model)]
 
+    def prompt_tokens(self, model: nn.Module, backbone: Backbone, config: Any) -> tuple[int, bool]:
+        """(tokens the method inserts into each block's sequence, new ones at every block?) -- what
+        `explain` must leave out of a map over the image. Default: none."""
+        return 0, False
+
     def exportable(self, config: Any) -> str | None:
         """None if `to_peft` can write the method in HF PEFT's format, else the reason it cannot."""
         exporters = [m for m in list_methods() if get_method(m).exportable.__func__ is not Method.exportable]
         return f"{self.name} has no HF PEFT equivalent (methods that export: {', '.join(exporters) or 'none'})"
 
     def to_peft(self, model: nn.Module, backbone: Backbone, config: Any) -> tuple[Any, dict[str, Any]]:
-        """(a `peft.PeftConfig`, {tensor name in the base model's namespace: tensor}) for HF PEFT export."""
+        """(a `peft.PeftConfig`, {tensor name in the base model's namespace: tensor}) for HF PEFT export; a
+        name starting with `base_model.` is taken as PEFT's own (VeRA's shared projections)."""
         raise PeftVisionError(self.exportable(config) or f"{self.name}: no HF PEFT export")
 
 

@@ -24,14 +24,20 @@ from .lora import LoRA, LoRAConfig, LoRALinear
 
 @dataclass
 class DoRAConfig(LoRAConfig):
-    """LoRA's options; the magnitude vector has none."""
+    """LoRA's options (use_rslora and lr_ratio apply to DoRA's factors as to LoRA's); the magnitude vector
+    has none."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init != "default":  # DoRA's magnitude is defined on the base weight PiSSA would split
+            raise ValueError(f"init={self.init!r} is a LoRA option DoRA does not support; use lora --set lora.init={self.init}")
 
 
 class DoRALinear(LoRALinear):
     """A LoRALinear whose targeted rows are renormalised to a learned magnitude."""
 
-    def __init__(self, base_layer: nn.Linear, *args: Any) -> None:
-        super().__init__(base_layer, *args)
+    def __init__(self, base_layer: nn.Linear, *args: Any, **kwargs: Any) -> None:
+        super().__init__(base_layer, *args, **kwargs)
         rows = torch.cat([torch.arange(s * self.width, (s + 1) * self.width) for s in self.slices])
         self.register_buffer("rows", rows.to(base_layer.weight.device), persistent=False)  # (T*width,)
         with torch.no_grad():

@@ -27,6 +27,9 @@ class PeftState:
     architecture_signature: str
     trainable_names: list[str]  # parameters saved in the adapter file: the method's, then the head's
     head_names: list[str]
+    # persistent buffers the method added (e.g. GPS's selected indices, what `prepare` chose from data):
+    # not trained, but part of the adapter, so saved with it and in training checkpoints
+    state_names: list[str] = field(default_factory=list)
     frozen_modules: list[nn.Module] = field(default_factory=list)
     class_names: list[str] | None = None
     resize: str | None = None  # eval preprocessing it was trained with: crop | squash (None: unknown)

@@ -6,6 +6,21 @@ untargeted slice are zero. We keep the factors compact -- A stacks the slices' A
 (width, r) block per slice -- and compute all slices with one matmul for A and one fused
 multiply-add into the frozen layer's output for B, so no delta-W is ever materialised while training.
 The target `qkv` is HF PEFT's variant: one rank-r LoRA over the whole fused layer.
+
+Options from the LoRA literature, each also in HF PEFT:
+- `use_rslora` (Kalajdzievski 2023, rank-stabilised LoRA): scale by alpha / sqrt(r) instead of alpha / r,
+  so a larger rank is not silently a smaller update.
+- `lr_ratio` (LoRA+, Hayou et al. 2024): B learns `lr_ratio` times faster than A (through
+  `Method.lr_multipliers`, which the trainer's optimizer applies on top of layer decay); 1 is plain LoRA.
+- `init="pissa"` (Meng et al. 2024): A, B start as the principal r singular directions of each targeted
+  weight (slice), `scaling * B0 A0 = U_r S_r V_r^T`, and the residual `W - scaling * B0 A0` is frozen.
+  We never rewrite the base weight: the update is `scaling * (B A - B0 A0)`, computed as
+  `(B - B0) A + B0 (A - A0)` (exactly zero at init, so the model starts exactly as the base), with A0,
+  B0 kept as persistent buffers (saved with the adapter, so a reload never depends on recomputing an
+  SVD). That is a rank-2r LoRA over the *original* weights, which is how merge, serving and the HF PEFT
+  export see it -- PEFT's own `init_lora_weights="pissa"` rewrites the base to the residual instead,
+  and converts to this same rank-2r form to share an adapter (`convert_pissa_to_lora`): our export
+  loads onto the unmodified pretrained timm model.
 """
 
 from __future__ import annotations
@@ -37,6 +52,9 @@ class LoRAConfig:
     # subset of q, k, v (slices of attn.qkv), qkv (all of it), proj, fc1, fc2. q, k, v: it beat Hu et al.'s
     # q, v by 1.3 points on the real ViT-Tiny and photos, by 1.5 on the embedded digits (3 seeds; RESULTS.md)
     targets: tuple[str, ...] = ("q", "k", "v")
+    use_rslora: bool = False  # scale alpha / sqrt(r) (rsLoRA) instead of alpha / r; off: the literature's VTAB setting
+    lr_ratio: float = 1.0  # LoRA+: B's lr = lr x lr_ratio (the LoRA+ paper suggests 16); 1 is plain LoRA
+    init: str = "default"  # default (A Kaiming, B = 0) | pissa (principal singular directions, residual frozen)
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -53,6 +71,13 @@ class LoRAConfig:
             raise ValueError(f"r must be a positive integer, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.lr_ratio > 0:
+            raise ValueError(f"lr_ratio must be positive, got {self.lr_ratio}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+
+
+INITS = ("default", "pissa")
 
 
 class LoRALinear(PeftModule):
@@ -63,7 +88,8 @@ class LoRALinear(PeftModule):
     """
 
     def __init__(
-        self, base_layer: nn.Linear, slices: Sequence[int], num_slices: int, r: int, alpha: float, dropout: float
+        self, base_layer: nn.Linear, slices: Sequence[int], num_slices: int, r: int, alpha: float, dropout: float,
+        rslora: bool = False, init: str = "default",
     ) -> None:
         super().__init__()
         if base_layer.out_features % num_slices:
@@ -73,7 +99,7 @@ class LoRALinear(PeftModule):
         self.num_slices = num_slices
         self.width = base_layer.out_features // num_slices
         self.r = r
-        self.scaling = alpha / r
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         t = len(self.slices)
         factory = dict(device=base_layer.weight.device, dtype=base_layer.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(t * r, base_layer.in_features, **factory))  # (T*r, in)
@@ -81,6 +107,36 @@ class LoRALinear(PeftModule):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and HF PEFT
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.register_buffer("lora_A0", None)  # PiSSA's initial factors (None otherwise: nothing is saved)
+        self.register_buffer("lora_B0", None)
+        if init == "pissa":
+            self._pissa_init()
+
+    @torch.no_grad()
+    def _pissa_init(self) -> None:
+        """A, B = the principal r singular directions of each targeted slice's weight, split as PEFT does
+        (sqrt of the singular values on each side, the scaling divided out), kept as A0, B0 too."""
+        t, w, r = self.lora_B.shape
+        weight = self.base_layer.weight.float()
+        a0, b0 = torch.empty_like(self.lora_A, dtype=torch.float32), torch.empty_like(self.lora_B, dtype=torch.float32)
+        for i, s in enumerate(self.slices):
+            u, sv, vh = torch.linalg.svd(weight[s * w : (s + 1) * w], full_matrices=False)  # (w, k) (k,) (k, in)
+            root = (sv[:r] / self.scaling).sqrt()
+            a0[i * r : (i + 1) * r] = root[:, None] * vh[:r]  # (r, in)
+            b0[i] = u[:, :r] * root  # (w, r)
+        self.lora_A.copy_(a0)
+        self.lora_B.copy_(b0)
+        self.register_buffer("lora_A0", a0.to(self.lora_A.dtype))  # persistent: the adapter file carries it
+        self.register_buffer("lora_B0", b0.to(self.lora_B.dtype))
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (T*R, in), B (T, width, R)) of the update `scaling * block_b(B) @ A`: the trained factors (R = r),
+        or with PiSSA the rank-2r pair [A; A - A0], [B - B0, B0] per slice, which is B A - B0 A0."""
+        if self.lora_A0 is None:
+            return self.lora_A, self.lora_B
+        t, _, r = self.lora_B.shape
+        a = torch.stack([self.lora_A.view(t, r, -1), (self.lora_A - self.lora_A0).view(t, r, -1)], 1)
+        return a.reshape(2 * t * r, -1), torch.cat([self.lora_B - self.lora_B0, self.lora_B0], -1)
 
     # Some timm attentions (BEiT, EVA, SwinV2) call F.linear(x, qkv.weight, own_bias) instead of qkv(x).
     # Exposing the effective weight keeps LoRA correct there too (at the cost of forming delta-W).
@@ -101,26 +157,31 @@ class LoRALinear(PeftModule):
     def out_features(self) -> int:
         return self.base_layer.out_features
 
-    def block_b(self) -> torch.Tensor:
-        """B as one (out, T*r) matrix: slice s's rows hold its own (width, r) block, untargeted rows are 0."""
-        t, w, r = self.lora_B.shape
+    def block_b(self, b: torch.Tensor | None = None) -> torch.Tensor:
+        """B (default: `lora_B`; any (T, width, R)) as one (out, T*R) matrix: slice s's rows hold its own
+        (width, R) block, untargeted rows are 0."""
+        b = self.lora_B if b is None else b
+        t, w, r = b.shape
         if t == self.num_slices:
-            return self.lora_B[0] if t == 1 else torch.block_diag(*self.lora_B.unbind(0))
-        full = self.lora_B.new_zeros(self.num_slices, w, t, r)
+            return b[0] if t == 1 else torch.block_diag(*b.unbind(0))
+        full = b.new_zeros(self.num_slices, w, t, r)
         for i, s in enumerate(self.slices):
-            full[s, :, i, :] = self.lora_B[i]
+            full[s, :, i, :] = b[i]
         return full.view(self.num_slices * w, t * r)
 
     def low_rank_parts(self, name: str) -> list[LowRank]:
         """One serving part per targeted slice: its rows of B, its rows of A, scaling folded in."""
+        a, b = self.factors()
+        rank = b.shape[-1]
         return [
-            LowRank(name, self.lora_A[i * self.r : (i + 1) * self.r].detach(), self.lora_B[i].detach() * self.scaling, s * self.width)
+            LowRank(name, a[i * rank : (i + 1) * rank].detach(), b[i].detach() * self.scaling, s * self.width)
             for i, s in enumerate(self.slices)
         ]
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update (out, in) that `merge` adds: scaling * B @ A."""
-        return (self.block_b() @ self.lora_A) * self.scaling
+        a, b = self.factors()
+        return (self.block_b(b) @ a) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -130,11 +191,12 @@ class LoRALinear(PeftModule):
         # (tokens, out), fresh and 2-D: updated in place below as a whole tensor, not through a view, since
         # autograd copies the whole gradient of a view's base in backward (~10% of the layer's time)
         out = self.base_layer(x)
-        z = F.linear(self.lora_dropout(x), self.lora_A).to(out.dtype)  # (tokens, T*r): one matmul for all slices
+        a, b = self.factors()
+        z = F.linear(self.lora_dropout(x), a).to(out.dtype)  # (tokens, T*r): one matmul for all slices
         # out += scaling * z @ B^T in one fused kernel, without forming delta-W or a (tokens, out) temporary.
         # B^T is made row-major so that autograd computes its gradient as z^T @ grad; for the transposed
         # view it would compute (grad^T @ z)^T, which CPU BLAS runs ~10x slower at T*r = 8.
-        out.addmm_(z, self.block_b().to(out.dtype).t().contiguous(), alpha=self.scaling)
+        out.addmm_(z, self.block_b(b).to(out.dtype).t().contiguous(), alpha=self.scaling)
         return out.view(*lead, out.shape[-1])
 
     @torch.no_grad()
@@ -177,6 +239,7 @@ class LoRA(Method):
         dict(r=4, targets=("q", "k", "v", "proj", "fc1", "fc2")),
         dict(r=2, targets=("k",)),
         dict(targets=("qkv", "fc2")),
+        dict(r=4, targets=("q", "v", "fc1"), init="pissa", use_rslora=True, lr_ratio=16.0),
     )
 
     def expected_params(self, model: nn.Module, backbone: Backbone, config: LoRAConfig) -> int:
@@ -191,8 +254,15 @@ class LoRA(Method):
     def inject(self, model: nn.Module, backbone: Backbone, config: LoRAConfig) -> None:
         for block, child, slices, num_slices in _lora_sites(backbone, config):
             base = backbone.linear(model, block, child)
-            wrapped = self.layer_cls(base, slices, num_slices, int(config.r), config.alpha, config.dropout)
+            wrapped = self.layer_cls(base, slices, num_slices, int(config.r), config.alpha, config.dropout,
+                                     rslora=config.use_rslora, init=config.init)
             model.set_submodule(f"{block.name}.{child}", wrapped)
+
+    def lr_multipliers(self, model: nn.Module, backbone: Backbone, config: LoRAConfig) -> dict[str, float]:
+        """LoRA+: every B at lr x lr_ratio (A, and the head, at the run's lr)."""
+        if config.lr_ratio == 1:
+            return {}
+        return {f"{name}.lora_B": float(config.lr_ratio) for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
     def mergeable(self, config: LoRAConfig) -> str | None:
         return None
@@ -210,9 +280,11 @@ class LoRA(Method):
         return [p for name, m in model.named_modules() if isinstance(m, LoRALinear) for p in m.low_rank_parts(name)]
 
     def to_peft(self, model: nn.Module, backbone: Backbone, config: LoRAConfig) -> tuple[Any, dict[str, torch.Tensor]]:
-        """A LoRA on T slices of a Linear is a rank r*T LoRA on the whole Linear with block-structured B.
+        """A LoRA on T slices of a Linear is a rank r*T LoRA on the whole Linear with block-structured B
+        (PiSSA: rank 2r*T, the pair of `LoRALinear.factors`, over the original base weights).
 
-        HF PEFT scales by lora_alpha / rank, so a rank-r*T module gets alpha*T to keep our alpha / r.
+        HF PEFT scales by lora_alpha / rank (rsLoRA: / sqrt(rank)), so a module of another rank than r gets
+        the alpha that keeps our scaling.
         """
         from peft import LoraConfig
 
@@ -222,12 +294,13 @@ class LoRA(Method):
         for name, m in model.named_modules():
             if not isinstance(m, LoRALinear):
                 continue
-            t, _, r = m.lora_B.shape
-            tensors[f"{name}.lora_A.weight"] = m.lora_A.detach()
-            tensors[f"{name}.lora_B.weight"] = m.block_b().detach()  # (out, T*r)
-            if t != 1:
-                rank_pattern[re.escape(name)] = r * t
-                alpha_pattern[re.escape(name)] = config.alpha * t
+            a, b = m.factors()
+            rank = a.shape[0]  # T*r, or 2*T*r with PiSSA
+            tensors[f"{name}.lora_A.weight"] = a.detach()
+            tensors[f"{name}.lora_B.weight"] = m.block_b(b).detach()  # (out, rank)
+            if rank != config.r:
+                rank_pattern[re.escape(name)] = rank
+                alpha_pattern[re.escape(name)] = m.scaling * (math.sqrt(rank) if config.use_rslora else rank)
         names = "|".join(re.escape(n.rsplit(".lora_A", 1)[0]) for n in tensors if n.endswith("lora_A.weight"))
         peft_config = LoraConfig(
             r=int(config.r),
@@ -236,6 +309,7 @@ class LoRA(Method):
             target_modules=rf"^(?:{names})$",
             rank_pattern=rank_pattern,
             alpha_pattern=alpha_pattern,
+            use_rslora=bool(config.use_rslora),
             bias="none",
             task_type=None,
         )

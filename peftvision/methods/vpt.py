@@ -292,6 +292,9 @@ class _VPT(Method):
     def serve_parts(self, model: nn.Module, backbone: Backbone, config: VPTConfig) -> list[Part]:
         return [Prompts((self.name, int(config.num_tokens)), model.vpt)]  # one length per group: one pass
 
+    def prompt_tokens(self, model: nn.Module, backbone: Backbone, config: VPTConfig) -> tuple[int, bool]:
+        return int(config.num_tokens), self.deep
+
     def grad_checkpointing_unsupported(self, backbone: Backbone, config: VPTConfig) -> str | None:
         if backbone.family == "swin" and not self.deep:
             return "shallow Swin prompts travel beside the blocks' inputs, so recomputed blocks would see the wrong prompts"
