@@ -41,7 +41,8 @@ def test_save_load_round_trip(tmp_path, base_checkpoint, family, method):
     from safetensors.torch import load_file
 
     saved = load_file(str(out / "adapter.safetensors"))
-    assert set(saved) == set(pv.get_state(model).trainable_names)  # the method's tensors and the head only
+    state = pv.get_state(model)
+    assert set(saved) == set(state.trainable_names) | set(state.state_names)  # the method's tensors and the head only
 
     loaded = pv.load_adapter(out, checkpoint=ckpt).eval()
     torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
@@ -137,7 +138,7 @@ def test_methods_that_cannot_merge_say_so(base_checkpoint, method):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("targets", [("q", "v"), ("k",), ("q", "k", "v", "proj", "fc2"), ("qkv",)])
-@pytest.mark.parametrize("method", [m for m in EXPORTABLE if "targets" in get_method(m).config_cls.__dataclass_fields__])
+@pytest.mark.parametrize("method", [m for m in EXPORTABLE if {"targets", "alpha"} <= set(get_method(m).config_cls.__dataclass_fields__)])
 def test_peft_export_loads_in_peft_with_identical_outputs(tmp_path, base_checkpoint, family, targets, method):
     from peft import PeftModel
 

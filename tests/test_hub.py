@@ -279,7 +279,9 @@ def test_finetune_card_has_the_runs_metrics_and_command(tmp_path, backbone_check
     assert card.data.library_name == "peftvision" and card.data.base_model is None  # embedded: not on the hub
     assert MARKER in card.text
     assert metrics["test_top5"] is None  # two classes: no top-5, shown as "-"
-    for needle in (f"| {metrics['best_val_top1']:.2f}% | {metrics['test_top1']:.2f}% | - |",
+    # 20 training photos, no val/: no epoch is picked on a slice (the selection policy), and the card says so
+    assert metrics["best_val_top1"] is None and metrics["selection"]["keep"] == "last"
+    for needle in (f"| - | {metrics['test_top1']:.2f}% | - |", f"Kept epoch: {metrics['selection']['why']}.",
                    f"{metrics['trainable_params']:,}", "lora", f"imagefolder:{data}", "cool, warm",
                    f"| test | {metrics['splits']['test']['split']} | {metrics['splits']['test']['images']} |",
                    "peftvision finetune --method lora --output", "peftvision finetune --recipe config.yaml"):

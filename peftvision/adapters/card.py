@@ -196,11 +196,13 @@ def _results(metrics: dict[str, Any]) -> list[str]:
         value = metrics.get(key)
         return "-" if value is None else f"{value:.2f}%"
 
+    why = (metrics.get("selection") or {}).get("why")
     return [
         "## Results", "",
-        "| best val top-1 | test top-1 | test top-5 | epochs (best) |", "|---|---|---|---|",
+        "| val top-1 (kept epoch) | test top-1 | test top-5 | epochs (kept) |", "|---|---|---|---|",
         f"| {pct('best_val_top1')} | {pct('test_top1')} | {pct('test_top5')} "
         f"| {metrics.get('epochs_run')} ({metrics.get('best_epoch')}) |", "",
+        *([f"Kept epoch: {why}.", ""] if why else []),
     ]
 
 
@@ -252,3 +254,44 @@ def _provenance(config: dict[str, Any], directory: Path, command: str | None) ->
         ]
     lines.append(f"peftvision {config.get('peftvision_version')}, Python {sys.version.split()[0]}.")
     return lines
+
+
+# ----------------------------------------------------------------------------- cards of exports
+
+def export_card(config: dict[str, Any], library: str, what: str, usage: list[str],
+                metrics: dict[str, Any] | None = None) -> str:
+    """The card of an export (a timm model folder, an HF PEFT adapter): the hub reads `library` as the
+    library that loads it, and the text says which peftvision adapter it came from and how to load it.
+
+    Args:
+        config: the source adapter's `adapter_config.json` (`adapter_config(model)`).
+        library: the hub's `library_name` (timm, peft).
+        what: one paragraph saying what the files are.
+        usage: the loading example (Markdown lines; `USER/NAME` is replaced by `push`).
+        metrics: the source run's metrics.json, when it came from `finetune`.
+    """
+    import yaml
+
+    from .. import __version__
+
+    model, method = config["model"], config["method"]
+    meta: dict[str, Any] = {"library_name": library}
+    base = base_model_id(model["name"])
+    if base:
+        meta["base_model"] = base
+    meta["tags"] = ["image-classification", "timm", "peftvision", method]
+    meta["pipeline_tag"] = "image-classification"
+    kwargs = f" with `{json.dumps(model['kwargs'])}`" if model.get("kwargs") else ""
+    classes = model.get("class_names") or []
+    lines = [f"---\n{yaml.safe_dump(meta, sort_keys=False)}---", MARKER, "",
+             f"# {method} on {model['name']}, for {library}", "", what, "", "## Source adapter", "",
+             f"- base model: `{model['name']}`{kwargs}; weights fingerprint `{config['base_fingerprint']}`",
+             f"- method: {method}, options `{json.dumps(config['method_config'])}`",
+             f"- head: {model.get('num_classes')} classes" + (f" ({', '.join(classes[:10])}"
+                                                              f"{', ...' if len(classes) > 10 else ''})" if classes else ""),
+             f"- eval preprocessing: {_RESIZE.get(model.get('resize') or 'crop')} (as in training)", ""]
+    if metrics:
+        lines += _results(metrics)
+    lines += ["## Use it", "", *usage, "",
+              f"Exported by peftvision {__version__}, Python {sys.version.split()[0]}."]
+    return "\n".join(lines).rstrip() + "\n"

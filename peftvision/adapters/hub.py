@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import AdapterFileError, ConfigError, PeftVisionError
 from .format import (
@@ -142,10 +142,6 @@ def push(
         token: a hub token; default the logged-in one (`hf auth login`, HF_TOKEN).
         api: an `HfApi` to use (tests pass a recording one).
     """
-    from huggingface_hub import HfApi, constants, get_token
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     from .card import read_metrics, set_card_repo, write_card
 
     if is_hub_source(directory):
@@ -155,20 +151,49 @@ def push(
     tensors = read_adapter_tensors(path)
     if set(tensors) != set(config["tensors"]):
         raise AdapterFileError(f"{path / WEIGHTS_NAME} does not hold the tensors {path}/adapter_config.json lists")
+    check_repo_name(repo)
+    if not (path / CARD_NAME).exists():
+        write_card(path, metrics=read_metrics(path))
+    set_card_repo(path, repo)
+    api = connect(token, api)
+    message = commit_message or f"Upload {config['method']} adapter for {config['model']['name']}"
+    return upload(api, path, repo, message, files=PUSH_FILES, private=private, revision=revision)
+
+
+def check_repo_name(repo: str) -> None:
+    """One line for a repo name the hub would refuse, before any work is done for it."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     try:
         validate_repo_id(repo)
     except HFValidationError as e:
         raise ConfigError(f"bad hub repo name {repo!r}: {_first_line(e)} (write USER/NAME)") from None
-    if not (path / CARD_NAME).exists():
-        write_card(path, metrics=read_metrics(path))
-    set_card_repo(path, repo)
+
+
+def connect(token: str | None = None, api: Any = None) -> Any:
+    """An `HfApi` to push with, or one line saying why there is none (offline, not logged in)."""
+    from huggingface_hub import HfApi, constants, get_token
+
     if constants.is_offline_mode():
         raise PeftVisionError("the hub is unreachable (HF_HUB_OFFLINE=1): unset it to push")
     token = token or get_token()
     if api is None and token is None:
         raise PeftVisionError("not logged in to the Hugging Face Hub: run `hf auth login` or set HF_TOKEN")
-    api = api or HfApi(token=token)
-    message = commit_message or f"Upload {config['method']} adapter for {config['model']['name']}"
+    return api or HfApi(token=token)
+
+
+def upload(
+    api: Any,
+    path: str | os.PathLike,
+    repo: str,
+    commit_message: str,
+    files: Sequence[str] | None = None,
+    private: bool = False,
+    revision: str | None = None,
+) -> str:
+    """Create the model repo `repo` if needed and upload `files` of the folder `path` (all of it when
+    None) in one commit, to `revision` (a branch, created from main if missing); returns the URL."""
     try:
         url = api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
         repo_id = getattr(url, "repo_id", None) or repo
@@ -176,7 +201,7 @@ def push(
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         api.upload_folder(
             repo_id=repo_id, folder_path=str(path), repo_type="model", revision=revision,
-            commit_message=message, allow_patterns=list(PUSH_FILES),
+            commit_message=commit_message, allow_patterns=list(files) if files is not None else None,
         )
     except Exception as e:  # noqa: BLE001 -- sorted by _push_error; a bug keeps its traceback there
         raise _push_error(repo, e) from None

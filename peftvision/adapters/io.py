@@ -81,7 +81,7 @@ def adapter_config(model: nn.Module, class_names: list[str] | None = None) -> di
         },
         "base_fingerprint": state.base_fingerprint,
         "architecture_signature": state.architecture_signature,
-        "tensors": list(state.trainable_names),
+        "tensors": list(state.trainable_names) + list(state.state_names),  # trained, then the method's state
     }
 
 
@@ -89,8 +89,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, class_names: li
     """Write `adapter.safetensors` (the method's tensors + head), `adapter_config.json` and a model
     card (`README.md`, unless the directory holds a hand-written one) to `directory`."""
     config = adapter_config(model, class_names)
-    params = dict(unwrap(model).named_parameters())
-    directory = write_adapter_files(directory, config, {n: params[n] for n in config["tensors"]})
+    tensors = {**dict(unwrap(model).named_buffers()), **dict(unwrap(model).named_parameters())}
+    directory = write_adapter_files(directory, config, {n: tensors[n] for n in config["tensors"]})
     report = param_report(model)
     write_card(directory, params=(report.trainable, report.total))
     return directory
@@ -165,16 +165,17 @@ def load_best(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 
 
 def _copy_tensors(model: nn.Module, state: PeftState, tensors: dict[str, torch.Tensor], directory: Any) -> None:
-    expected = set(state.trainable_names)
+    names = list(state.trainable_names) + list(state.state_names)  # the method's state (buffers) too
+    expected = set(names)
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or extra:
         raise AdapterFileError(
             f"{directory}/{WEIGHTS_NAME} does not fit {state.method} on this model: "
             f"missing {missing[:3]}, unexpected {extra[:3]}"
         )
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     with torch.no_grad():
-        for name in state.trainable_names:
+        for name in names:
             src, dst = tensors[name], params[name]
             if src.shape != dst.shape:
                 raise AdapterFileError(
