@@ -38,6 +38,11 @@ from peftvision.training.report import peak_memory_mb
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     **{m: (m, {}) for m in pv.list_methods()},  # every registered method with its defaults
     "lora-qkv": ("lora", {"targets": ("qkv",)}),
+    # LoRA's options (issue 29): rsLoRA and LoRA+ change only the scaling / B's lr (same FLOPs as lora; the
+    # steps here use one lr); PiSSA adds the frozen initial factors (a rank-2r product)
+    "lora-rslora": ("lora", {"use_rslora": True}),
+    "lora-plus": ("lora", {"lr_ratio": 16.0}),
+    "lora-pissa": ("lora", {"init": "pissa"}),
     "peft-lora": ("peft", {}),
 }
 
@@ -228,18 +233,19 @@ def _ratio(a: float | None, b: float | None) -> str:
 def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     lines = []
     for model_name, rows in results["models"].items():
-        full, base_inf = rows.get("full", {}), rows["base"]["infer_s"]
+        full, lora, base_inf = rows.get("full", {}), rows.get("lora", {}), rows["base"]["infer_s"]
         lines += [
             f"### {model_name} (batch {args.batch}, {results['device']})",
             "",
-            "| variant | train step (s) | x full | img/s | peak mem growth (MB) | x full | inference (s) | x base | trainable | adapter (MB) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| variant | train step (s) | x full | x lora | img/s | peak mem growth (MB) | x full | x lora | inference (s) | x base | trainable | adapter (MB) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for v, r in rows.items():
             step, mem, size = r.get("step_s"), r.get("growth_mb"), r.get("adapter_bytes")
             lines.append(
-                f"| {v} | {_fmt(step, '.3f')} | {_ratio(step, full.get('step_s'))} | {_fmt(r.get('img_per_s'), '.1f')} "
-                f"| {_fmt(mem, '.0f')} | {_ratio(mem, full.get('growth_mb'))} | {r['infer_s']:.4f} "
+                f"| {v} | {_fmt(step, '.3f')} | {_ratio(step, full.get('step_s'))} | {_ratio(step, lora.get('step_s'))} "
+                f"| {_fmt(r.get('img_per_s'), '.1f')} | {_fmt(mem, '.0f')} | {_ratio(mem, full.get('growth_mb'))} "
+                f"| {_ratio(mem, lora.get('growth_mb'))} | {r['infer_s']:.4f} "
                 f"| {r['infer_s'] / base_inf:.3f} | {_fmt(r.get('trainable'), ',')} | {_fmt(size and size / 1e6, '.3f')} |"
             )
         lines.append("")

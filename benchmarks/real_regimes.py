@@ -147,9 +147,10 @@ def folder_pairs(root: Path, split: str) -> list[tuple[str, int]]:
 
 # ----------------------------------------------------------------------------- our finetune
 
-def _test_curve_patch(curve: list[float]) -> Any:
+def _test_curve_patch(curve: list[float], val_curve: list[float | None]) -> Any:
     """Wrap the training loop so that every epoch's model is also scored on the test loader (the run's
-    own selection never sees these numbers; they say what each rule would have picked)."""
+    own selection never sees these numbers; they say what each rule would have picked), next to the
+    epoch's val top-1 (None without val)."""
     import peftvision.training.loop as loop
     from peftvision.training.evaluate import evaluate_model
 
@@ -158,6 +159,7 @@ def _test_curve_patch(curve: list[float]) -> Any:
     def train(model, loaders, cfg, output, accelerator, num_classes, resume=False, on_best=None,
               on_epoch_end=None, progress=None):
         def scored(state):
+            val_curve.append(state.history[-1].get("val_top1"))
             curve.append(evaluate_model(model, loaders.test, num_classes)["top1"])
             if on_epoch_end is not None:
                 on_epoch_end(state)
@@ -175,7 +177,8 @@ def ours(run: str, root: Path, epochs: int, batch_size: int, seed: int, curves: 
     method, _, changes = run.partition("@")
     sets = [item.replace("/", ",") for item in changes.split("+") if item]  # as `finetune --set KEY=VALUE`
     curve: list[float] = []
-    original = _test_curve_patch(curve) if curves else None
+    val_curve: list[float | None] = []
+    original = _test_curve_patch(curve, val_curve) if curves else None
     try:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = build_config(sets=sets, flags=dict(
@@ -190,7 +193,7 @@ def ours(run: str, root: Path, epochs: int, batch_size: int, seed: int, curves: 
     row.update(selection=(m.get("selection") or {}).get("why"), head_init=m.get("head_init"),
                images={role: s["images"] for role, s in m["splits"].items()})
     if curves:
-        row["test_curve"] = curve
+        row["test_curve"], row["val_curve"] = curve, val_curve
     return row
 
 

@@ -71,13 +71,30 @@ def _call(head: str, args: list[str], width: int = 100) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    """Write an adapter in another library's format (HF PEFT)."""
+    """Write an adapter in another library's format: HF PEFT, a timm model folder, or ONNX."""
+    from .adapters.card import read_metrics
+    from .adapters.hub import is_hub_source
     from .adapters.io import load_adapter
-    from .adapters.peft import export_peft
 
     model = load_adapter(args.adapter, checkpoint=args.checkpoint, ignore_fingerprint=args.ignore_fingerprint)
-    path = export_peft(model, args.output)
-    print(f"wrote {path}: load it with peft.PeftModel.from_pretrained(timm_model, '{path}')")
+    metrics = None if is_hub_source(args.adapter) else read_metrics(args.adapter)
+    if args.format == "peft":
+        from .adapters.peft import export_peft
+
+        path = export_peft(model, args.output, metrics)
+        print(f"wrote {path}: load it with peft.PeftModel.from_pretrained(timm_model, '{path}')")
+    elif args.format == "timm":
+        from .adapters.timm import export_timm
+
+        path = export_timm(model, args.output, metrics)
+        print(f"wrote {path}: a timm model folder (config.json, model.safetensors, README.md); load it with")
+        print(f"  timm.create_model('local-dir:{path}', pretrained=True), or push it with --format timm")
+    else:
+        from .adapters.onnx import INPUT_NAME, export_onnx
+
+        path = export_onnx(model, args.output)
+        print(f"wrote {path}: checked in ONNX Runtime; input {INPUT_NAME} (batch, C, H, W), preprocessed as")
+        print("  the file's metadata says (preprocessing, label_names); onnxruntime.InferenceSession(path)")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -100,15 +117,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .data import build_loader, load_task, make_transform
     from .errors import DataError
     from .methods.freeze import get_state
+    from .training.config import TrainConfig
     from .training.evaluate import evaluate_model
     from .ui import progress_bar
 
+    cfg = TrainConfig.from_dict({k: getattr(args, k) for k in args.config_fields if getattr(args, k) is not None})
     model = load_adapter(args.adapter, checkpoint=args.checkpoint, ignore_fingerprint=args.ignore_fingerprint).eval()
-    task = load_task(args.dataset, seed=args.seed)
+    task = load_task(args.dataset, seed=cfg.seed)
     if task.num_classes != model.num_classes:
         raise DataError(f"{args.dataset} has {task.num_classes} classes, the adapter's head {model.num_classes}")
     transform = make_transform(model, train=False, resize=get_state(model).resize)
-    loader = build_loader(task.dataset(args.split, transform), batch_size=args.batch_size, num_workers=args.num_workers)
+    loader = build_loader(task.dataset(args.split, transform), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
     with progress_bar(f"evaluating on {args.split} ({len(loader.dataset):,} images)", len(loader)) as tick:
         metrics = evaluate_model(model, loader, task.num_classes, on_batch=tick)
     # indented: still one JSON document for scripts, and it fits a terminal
@@ -121,18 +140,18 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     from .adapters.io import load_adapter
     from .data import make_transform, open_image
+    from .data.images import decode_size
+    from .data.labels import format_top_k, top_k
     from .methods.freeze import get_state
 
     model = load_adapter(args.adapter, checkpoint=args.checkpoint, ignore_fingerprint=args.ignore_fingerprint).eval()
     names = get_state(model).class_names
     transform = make_transform(model, train=False, resize=get_state(model).resize)
     for path in args.images:
-        x = transform(open_image(path)).unsqueeze(0)
+        x = transform(open_image(path, size=decode_size(transform))).unsqueeze(0)  # decoded as `serve` does
         with torch.no_grad():
             probs = model(x).softmax(-1)[0]
-        top = probs.topk(min(args.top_k, probs.numel()))
-        label = lambda i: names[i] if names else str(i)  # noqa: E731
-        print(f"{path}: " + ", ".join(f"{label(int(i))} {float(p):.3f}" for p, i in zip(top.values, top.indices)))
+        print(f"{path}: {format_top_k(top_k(probs, names, args.top_k))}")
 
 
 def cmd_explain(args: argparse.Namespace) -> None:
@@ -185,37 +204,37 @@ def cmd_compare(args: argparse.Namespace) -> None:
     """Every method on every task, same protocol; rerunning resumes."""
     from .compare.jobs import CompareConfig
     from .compare.plan import compare
+    from .training.config import from_values
 
-    cc = CompareConfig(
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), tasks=args.tasks,
-        model=args.model or "", checkpoint=args.checkpoint, seeds=args.seeds, output=args.output,
-        workers=args.workers, search=args.search, epochs=args.epochs, batch_size=args.batch_size,
-        max_test=args.max_test, quiet=args.quiet, report_to=args.report_to, engine=args.engine,
-        ray_address=args.ray_address, run_cpus=args.run_cpus, run_gpus=args.run_gpus, ray_files=args.ray_files,
-    )
+    cc = from_values(CompareConfig, {k: getattr(args, k) for k in args.config_fields if getattr(args, k) is not None})
     compare(cc)
     print(f"results in {cc.output}: results.csv, results.json, summary.md, accuracy_vs_params.png, per_task.png")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """Many adapters over one frozen backbone, batched together, over HTTP."""
-    from .serving.http import find_adapters, serve
+    from .serving.config import ServeConfig
+    from .serving.http import serve
 
-    serve(
-        find_adapters(args.adapter, args.adapters_dir), checkpoint=args.checkpoint, host=args.host, port=args.port,
-        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_image_mb=args.max_image_mb,
-        ignore_fingerprint=args.ignore_fingerprint,
-    )
+    serve(ServeConfig.from_flags({k: getattr(args, k) for k in args.config_fields}))
 
 
 def cmd_push(args: argparse.Namespace) -> None:
     """Upload an adapter directory, with its model card, to a Hugging Face Hub model repo."""
-    from .adapters.hub import push
+    from .adapters.publish import push
 
-    url = push(args.adapter, args.repo, private=args.private, revision=args.revision, commit_message=args.commit_message)
+    url = push(args.adapter, args.repo, format=args.format, checkpoint=args.checkpoint,
+               ignore_fingerprint=args.ignore_fingerprint, private=args.private, revision=args.revision,
+               commit_message=args.commit_message)
     at = f"@{args.revision}" if args.revision else ""
     print(f"pushed to {url}")
-    print(f"load it with --adapter hf:{args.repo}{at} (any command), or peftvision.load_adapter")
+    if args.format == "timm":
+        print(f"load it with timm.create_model('hf-hub:{args.repo}{at}', pretrained=True)")
+    elif args.format == "peft":
+        print(f"load it with peft.PeftModel.from_pretrained(timm_model, '{args.repo}'"
+              + (f", revision='{args.revision}')" if args.revision else ")"))
+    else:
+        print(f"load it with --adapter hf:{args.repo}{at} (any command), or peftvision.load_adapter")
 
 
 def _human_bytes(n: float) -> str:
@@ -248,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     p = sub.add_parser("finetune", help="fine-tune a backbone with a PEFT method")
-    from .training.config import REPORT_TO, add_config_flags
+    from .training.config import add_config_flags
 
     fields = add_config_flags(p)
     p.add_argument("--recipe", help="YAML file with the same keys as these flags (flags override it)")
@@ -259,41 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .compare.jobs import CompareConfig
 
-    c = CompareConfig()
-    p = sub.add_parser("compare", help="compare methods on a task suite (VTAB-1k protocol)", formatter_class=fmt)
-    p.add_argument("--methods", default="", help="comma-separated method names (default: every registered method)")
-    p.add_argument("--tasks", default=c.tasks, help="builtin:all, vtab:all, or SPEC,SPEC,...")
-    p.add_argument("--model", help="timm model name (default: peftvision's embedded backbone)")
-    p.add_argument("--checkpoint", help="local weights file for --model")
-    p.add_argument("--seeds", type=int, default=c.seeds, help="seeds per (method, task)")
-    p.add_argument("--output", default=c.output, help="comparison directory (rerun to resume)")
-    p.add_argument("--workers", type=int, default=c.workers, help="runs in parallel (processes)")
-    p.add_argument("--search", action="store_true", help="pick lr / weight decay per method on train800 -> val200")
-    p.add_argument("--epochs", type=int, default=c.epochs, help="epochs per run")
-    p.add_argument("--batch-size", type=int, default=c.batch_size)
-    p.add_argument("--max-test", type=int, help="cap each task's test set")
-    p.add_argument("--report-to", default=c.report_to, choices=REPORT_TO,
-                   help="experiment tracker: one run per (method, task, seed), tagged with them")
-    p.add_argument("--quiet", action="store_true")
-    from .compare.jobs import ENGINES, RAY_FILES
-
-    p.add_argument("--engine", choices=ENGINES, default=c.engine,
-                   help="local: --workers processes on this machine; ray: one Ray task per run (pip install 'peftvision[ray]')")
-    p.add_argument("--ray-address", help="a running Ray cluster: auto, or HOST:PORT (unset: start one on this machine)")
-    p.add_argument("--run-cpus", type=float, help="CPUs per Ray run, also its torch threads (unset: 1; with GPUs, a GPU's share of its node)")
-    p.add_argument("--run-gpus", type=float, help="GPUs per Ray run (unset: 1 if the cluster has GPUs, else 0)")
-    p.add_argument("--ray-files", choices=RAY_FILES, default=c.ray_files,
-                   help="shared: workers write the run directories; return: they send them back; auto: each run checks")
+    p = sub.add_parser("compare", help="compare methods on a task suite (VTAB-1k protocol)")
+    p.set_defaults(config_fields=add_config_flags(p, CompareConfig))
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="accuracy of an adapter on a dataset split", formatter_class=fmt)
     _adapter_source(p)
     p.add_argument("--dataset", required=True, help="dataset spec, as for finetune")
     p.add_argument("--split", default="test", help="split to evaluate")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split drawing (as in training)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, config_fields=add_config_flags(p, only=("seed", "batch_size", "num_workers")))
 
     p = sub.add_parser("predict", help="top-k classes for image files", formatter_class=fmt)
     _adapter_source(p)
@@ -334,24 +327,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output .safetensors file")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("export", help="write an adapter in HF PEFT format", formatter_class=fmt)
+    p = sub.add_parser("export", help="write an adapter for HF PEFT, timm or ONNX Runtime", formatter_class=fmt)
     _adapter_source(p)
-    p.add_argument("--format", choices=["peft"], default="peft", help="target format")
-    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--format", choices=["peft", "timm", "onnx"], default="peft",
+                   help="peft: HF PEFT adapter directory; timm: merged timm model folder (methods that merge); "
+                        "onnx: one .onnx file (merged, or as it runs for methods that cannot merge)")
+    p.add_argument("--output", required=True, help="output directory (peft, timm) or file (onnx: FILE.onnx)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("serve", help="serve many adapters over one backbone over HTTP", formatter_class=fmt)
-    p.add_argument("--adapter", action="append", metavar="NAME=DIR",
+    from .serving.config import ServeConfig
+
+    p = sub.add_parser("serve", help="serve many adapters over one backbone over HTTP")
+    p.add_argument("--adapter", dest="adapters", action="append", metavar="NAME=DIR",
                    help="an adapter to serve as NAME, DIR a directory or hf:USER/NAME[@REVISION] (repeatable)")
-    p.add_argument("--adapters-dir", metavar="DIR", help="serve every adapter folder directly inside DIR, named by its folder")
-    p.add_argument("--checkpoint", help="local weights file for the shared base model (none: download it from the hub)")
-    p.add_argument("--ignore-fingerprint", action="store_true", help="accept adapters trained on other base weights")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on")
-    p.add_argument("--max-batch", type=int, default=32, help="most requests run as one batch")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
-    p.add_argument("--max-image-mb", type=float, default=20.0, help="largest image file accepted (413 above)")
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cmd_serve, config_fields=["adapters", *add_config_flags(p, ServeConfig)])
 
     p = sub.add_parser("push", help="upload an adapter and its model card to the Hugging Face Hub")
     p.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory (a finetune run, or save_adapter)")
@@ -359,6 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--revision", metavar="BRANCH", help="branch to push to (created if missing; default: main)")
     p.add_argument("--commit-message", help="default: Upload METHOD adapter for MODEL")
+    p.add_argument("--format", choices=["peftvision", "peft", "timm"], default="peftvision",
+                   help="peftvision: the adapter directory (default); peft: HF PEFT's format; timm: merged into "
+                        "a timm model (methods that merge)")
+    p.add_argument("--checkpoint", help="peft, timm: local weights file for the base (default: download it)")
+    p.add_argument("--ignore-fingerprint", action="store_true", help="peft, timm: accept other base weights")
     p.set_defaults(func=cmd_push)
     return parser
 

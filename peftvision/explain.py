@@ -89,15 +89,15 @@ class TokenLayout:
 # ----------------------------------------------------------------------------- model structure
 
 def _prompts(model: nn.Module) -> tuple[int, bool]:
-    """(prompt tokens per block, replaced before every block?) of a prompt module, (0, False) without.
+    """(prompt tokens per block, replaced before every block?) of the model's method, (0, False) without:
+    the method knows how it attaches prompts (`Method.prompt_tokens`)."""
+    from .methods import get_method
+    from .methods.freeze import get_state
 
-    The one place that knows how prompts are attached: a `vpt` module whose `prompts` are
-    (layers, P, D), layers = 1 for prompts carried through the blocks, = depth for new ones per block.
-    """
-    prompts = getattr(getattr(model, "vpt", None), "prompts", None)
-    if isinstance(prompts, torch.Tensor) and prompts.dim() == 3:
-        return int(prompts.shape[1]), int(prompts.shape[0]) > 1
-    return 0, False
+    state = get_state(model)
+    if state is None:
+        return 0, False
+    return get_method(state.method).prompt_tokens(unwrap(model), state.backbone, state.config)
 
 
 def _vit_attentions(model: nn.Module, backbone: Backbone) -> list[nn.Module]:
@@ -414,11 +414,10 @@ def base_of(model: nn.Module, checkpoint: str | None = None) -> nn.Module:
 # ----------------------------------------------------------------------------- figure
 
 def top_classes(logits: torch.Tensor, names: Sequence[str] | None, k: int = 3) -> str:
-    """"name 81%, name 7%, ..." for one image's (K,) logits; class indices without names."""
-    probs = logits.float().softmax(-1)
-    top = probs.topk(min(k, probs.numel()))
-    label = lambda i: names[i] if names else f"#{i}"  # noqa: E731
-    return ", ".join(f"{label(int(i))} {float(p):.0%}" for p, i in zip(top.values, top.indices))
+    """"name 0.812, name 0.071, ..." for one image's (K,) logits, as `predict` and `serve` give them."""
+    from .data.labels import format_top_k, top_k
+
+    return format_top_k(top_k(logits.float().softmax(-1), names, k))
 
 
 def figure(

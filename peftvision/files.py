@@ -35,6 +35,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
+def atomic_write_group(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """`atomic_write` for a writer that may put files beside `path` (ONNX's external weights,
+    `<name>.data`): `write(staged)` runs in a temp directory next to `path`, then each file it made is
+    renamed into place, `path` last, so whoever finds `path` finds its companions too."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+        staged = Path(tmp) / path.name
+        write(staged)
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in sorted(Path(tmp).iterdir(), key=lambda f: f == staged):
+            os.chmod(f, 0o666 & ~umask)
+            os.replace(f, path.parent / f.name)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 

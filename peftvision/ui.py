@@ -140,6 +140,7 @@ def print_summary(metrics: dict[str, Any], output: Path) -> None:
         ("test top-5", pct(metrics["test_top5"])),
         ("kept epoch's val top-1", kept_val if "val" in splits or metrics["best_val_top1"] is not None else "- (no validation)"),
         *((("selection", selection),) if selection else ()),
+        *((("head start", _head_start(metrics["head_init"])),) if metrics.get("head_init") else ()),
         *((f"{role} images", f"{split['split']}: {split['about']} ({split['images']:,})") for role, split in splits.items()),
         ("preprocessing", {"crop": "the model's eval transform (resize, centre crop)",
                            "squash": "whole image resized to the input size (VTAB-1k)"}.get(metrics.get("resize") or "", "-")),
@@ -151,6 +152,13 @@ def print_summary(metrics: dict[str, Any], output: Path) -> None:
     for k, v in rows:
         table.add_row(k, str(v))
     Console(width=min(100, Console().width) if Console().is_terminal else 100).print(table)
+
+
+def _head_start(head_init: dict[str, Any]) -> str:
+    """One line on where the head started: the linear probe (LP-FT) and its fit, or timm's random init."""
+    if head_init.get("init") != "probe":
+        return "random (timm's init)"
+    return head_init.get("about") or "linear probe on the frozen features"
 
 
 class GracefulInterrupt:

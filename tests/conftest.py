@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ (pretraining) is not installed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub call must fail fast, never hang on retries
+# No test reads or writes the user's caches (~/.cache/peftvision, the Hugging Face cache, matplotlib's):
+# they all live in one temporary directory for the session, removed at exit.
+_SANDBOX = Path(tempfile.mkdtemp(prefix="peftvision-tests-"))
+atexit.register(shutil.rmtree, _SANDBOX, ignore_errors=True)
+os.environ["PEFTVISION_CACHE"] = str(_SANDBOX / "peftvision")
+os.environ["HF_HOME"] = str(_SANDBOX / "huggingface")
+for _var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "HF_ASSETS_CACHE", "HF_XET_CACHE"):
+    os.environ.pop(_var, None)
+os.environ["MPLCONFIGDIR"] = str(_SANDBOX / "matplotlib")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # name -> (timm name, kwargs, input size). Kwargs keep each model tiny; they are recorded by

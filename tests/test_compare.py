@@ -38,7 +38,10 @@ def test_compare_writes_consistent_results_and_resumes(tmp_path, capsys, args):
     failed = [r for r in rows if r["status"] == "failed"]
     assert {r["task"] for r in failed} == {broken} and all("no such folder" in r["error"] or "missing" in r["error"] for r in failed)
     done = [r for r in rows if r["status"] != "failed"]
-    assert len(done) == 4 and all(0 <= r["test_top1"] <= 100 for r in done)
+    assert len(done) == 4
+    # random-init features of 8x8 digits are nearly linearly separable (README: 93% for a probe); chance is 10%
+    digits_probe = next(r for r in done if (r["method"], r["task"]) == ("linear", "builtin:digits"))
+    assert digits_probe["test_top1"] > 50, digits_probe
     # each result is an ordinary finetune run directory
     for r in done:
         metrics = json.loads(open(f"{r['output']}/metrics.json").read())

@@ -350,7 +350,7 @@ def test_unmerge_restores_weights():
 def test_unknown_method_and_options():
     with pytest.raises(ConfigError, match="unknown method 'lorax'; choose one of: linear, full"):
         pv.inject(make_model("vit"), "lorax")
-    with pytest.raises(ConfigError, match="lora has no option rank; its options are: alpha, dropout, r, targets"):
+    with pytest.raises(ConfigError, match="lora has no option rank; its options are: alpha, dropout, init, lr_ratio, r, targets, use_rslora"):
         pv.inject(make_model("vit"), "lora", rank=4)
     with pytest.raises(ConfigError, match="targets must be distinct names among q, k, v"):
         pv.inject(make_model("vit"), "lora", targets=("q", "x"))
@@ -381,8 +381,28 @@ def test_double_injection_and_unknown_model_are_refused():
 
 
 def test_offline_hub_download_gives_one_line_hint():
+    # conftest gives the session an empty Hugging Face cache: the weights cannot be there, whatever the user's holds
     with pytest.raises(PeftVisionError, match="no network.*--checkpoint FILE"):
         pv.create_model("test_vit", pretrained=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method,options", CASES, ids=IDS)
+def test_inject_keeps_the_mode_it_found(family, method, options):
+    """torch creates modules in training mode: injected into a model in eval mode, they must be in eval
+    mode too (else an eval call runs a new module's dropout / drop-path, and two identical calls differ)."""
+    model = make_model(family).eval()
+    try:
+        pv.inject(model, method, **options)
+    except UnsupportedModelError:
+        pytest.skip(f"{method} does not support {family}")
+    randomize_trainable(model)
+    assert not any(m.training for m in model.modules()), [n for n, m in model.named_modules() if m.training][:3]
+    x = make_input(family)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    trained = pv.inject(make_model(family).train(), method, **options)
+    assert trained.training and all(m.training for m in trained.modules() if isinstance(m, pv.methods.PeftModule))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -250,5 +250,6 @@ def test_resolved_config_holds_every_method_option(method):
     assert build_config(method, options) == build_config(method, {})
     if method == "lora":
         given = resolve_config(TrainConfig(method=method, options={"r": 4, "targets": "q,v"})).options
-        assert given == {"r": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["q", "v"]}
+        assert given == {"r": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["q", "v"], "use_rslora": False,
+                         "lr_ratio": 1.0, "init": "default"}
         assert resolve_config(TrainConfig(method=method, options=given)).options == given  # as resume reads it back

@@ -32,6 +32,9 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
             img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0, global_pool="avg"
         ),
         classifier="head",
+        # A timm entry point of the same class: with `kwargs` it builds this architecture in plain timm,
+        # without peftvision (what `export --format timm` names, so timm users need nothing of ours)
+        timm_entry="vit_tiny_patch16_224",
         # Each method's default lr is for real pretrained backbones (ImageNet-scale weights, as timm's).
         # These small, weakly pretrained 32-px models, fine-tuned for a few dozen steps, want larger
         # steps: each method declares its measured lr for them (`Method.embedded_lr`,
@@ -44,6 +47,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
             img_size=32, patch_size=2, window_size=4, embed_dim=48, depths=(2, 2, 2), num_heads=(3, 6, 12)
         ),
         classifier="head.fc",
+        timm_entry="swin_tiny_patch4_window7_224",
         lr_scale=10.0,
     ),
 }

@@ -15,34 +15,51 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import Interrupted, PeftVisionError
-from ..training.config import TrainConfig
+from ..training.config import REPORT_TO, TrainConfig, option
 
 
-@dataclass
-class CompareConfig:
-    methods: tuple[str, ...] = ()  # empty: every registered method, in the registry's order
-    tasks: str = "builtin:all"
-    model: str = ""  # "" = the default backbone
-    checkpoint: str | None = None
-    seeds: int = 1
-    output: str = "runs/compare"
-    workers: int = 1
-    search: bool = False
-    epochs: int = 2  # the default run (11 methods x 8 built-in tasks) takes ~51 min on 2 CPU cores
-    batch_size: int = 64
-    num_workers: int = 0  # DataLoader workers per run (runs are already parallel)
-    max_test: int | None = None
-    quiet: bool = False
-    report_to: str = "none"  # one tracker run per (method, task, seed), tagged with them
-    engine: str = "local"  # "local": this machine's processes (`workers`); "ray": one Ray task per run
-    ray_address: str | None = None  # None: start a local Ray cluster (or use the one already initialised)
-    run_cpus: float | None = None  # per Ray run, also its torch threads; None: 1 without GPUs, else a GPU's share
-    run_gpus: float | None = None  # per Ray run; None: 1 when the cluster has GPUs, else 0
-    ray_files: str = "auto"  # "shared": workers write the run directories; "return": sent back; "auto": per run
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in text.split(",") if m.strip())
 
 
 ENGINES = ("local", "ray")
 RAY_FILES = ("auto", "shared", "return")
+
+
+@dataclass
+class CompareConfig:
+    """A comparison's settings; each field is also its `peftvision compare --flag` (`add_config_flags`)."""
+
+    methods: tuple[str, ...] = option(tuple, "comma-separated method names (default: every registered method)",
+                                      parse=_names)
+    tasks: str = option("builtin:all", "builtin:all, vtab:all, or SPEC,SPEC,...")
+    model: str = option("", "timm model name (default: peftvision's embedded backbone)")
+    checkpoint: str | None = option(None, "local weights file for --model")
+    seeds: int = option(1, "seeds per (method, task)")
+    output: str = option("runs/compare", "comparison directory (rerun to resume)")
+    workers: int = option(1, "runs in parallel (processes; the cores are split between them)")
+    search: bool = option(False, "pick lr / weight decay per method on train800 -> val200")
+    epochs: int = option(2, "epochs per run: the default comparison (every method x 8 built-in tasks) takes "
+                            "about an hour on 2 CPU cores")
+    batch_size: int = option(64, "per process; 64 is the VTAB-1k setting")
+    num_workers: int = option(0, "DataLoader workers per run (runs are already parallel)")
+    max_test: int | None = option(None, "cap each task's test set")
+    quiet: bool = option(False, "no progress line or table")
+    report_to: str = option("none", "experiment tracker: one run per (method, task, seed), tagged with them",
+                            choices=REPORT_TO)
+    engine: str = option("local", "local: --workers processes on this machine; ray: one Ray task per run "
+                                  "(pip install 'peftvision[ray]')", choices=ENGINES)
+    ray_address: str | None = option(None, "a running Ray cluster: auto, or HOST:PORT (unset: start one on this machine)")
+    run_cpus: float | None = option(None, "CPUs per Ray run, also its torch threads (unset: 1; with GPUs, a GPU's "
+                                          "share of its node)")
+    run_gpus: float | None = option(None, "GPUs per Ray run (unset: 1 if the cluster has GPUs, else 0)")
+    ray_files: str = option("auto", "shared: workers write the run directories; return: they send them back; "
+                                    "auto: each run checks", choices=RAY_FILES)
+
+    def train_config(self, **job: Any) -> TrainConfig:
+        """A run's TrainConfig: the settings this config shares with TrainConfig by name, then `job`'s."""
+        shared = {f.name for f in dataclasses.fields(TrainConfig)} & {f.name for f in dataclasses.fields(self)}
+        return TrainConfig(**{k: getattr(self, k) for k in shared - set(job)}, **job)
 
 
 @dataclass
@@ -59,13 +76,11 @@ class Job:
 
     def config(self, cc: CompareConfig) -> TrainConfig:
         search = self.kind == "search"
-        return TrainConfig(
-            method=self.method, model=cc.model, checkpoint=cc.checkpoint, dataset=self.task, output=self.output,
-            epochs=cc.epochs, batch_size=cc.batch_size, lr=self.lr, weight_decay=self.weight_decay, seed=self.seed,
-            train_split="train800" if search else "train800val200", val_split="val200" if search else None,
-            test_split=None if search else "test", num_workers=cc.num_workers, max_test=cc.max_test, quiet=True,
+        return cc.train_config(
+            method=self.method, dataset=self.task, output=self.output, lr=self.lr, weight_decay=self.weight_decay,
+            seed=self.seed, train_split="train800" if search else "train800val200",
+            val_split="val200" if search else None, test_split=None if search else "test", quiet=True,
             warmup_epochs=cc.epochs / 10,  # the literature's 10 of 100 epochs
-            report_to=cc.report_to,
         )
 
     def tags(self, cc: CompareConfig) -> dict[str, object]:

@@ -6,6 +6,8 @@ specialized-like textures (`cells`, `landcover`); see `builtin.py` for the suite
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from .suite import Arrays, register_task

@@ -18,8 +18,9 @@ from typing import Any
 from ..errors import ConfigError
 
 
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    """A config field whose help text is also its `--flag`'s help; `choices=` and `flag=False` go to the CLI."""
+def option(default: Any, help: str, **extra: Any) -> Any:
+    """A config field whose help text is also its `--flag`'s help; `choices=`, `parse=` and `flag=False`
+    go to the CLI (`add_config_flags`)."""
     kwargs = {"default_factory": default} if callable(default) else {"default": default}
     return field(metadata={"help": help, **extra}, **kwargs)
 
@@ -31,50 +32,52 @@ REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "all")
 class TrainConfig:
     """Everything a run needs; a recipe YAML holds the same keys, and CLI flags override it."""
 
-    method: str = _opt("lora", "a registered method (`peftvision info` lists them)")
-    model: str = _opt("", "timm model name; empty: peftvision's embedded backbone")
-    checkpoint: str | None = _opt(None, "local weights file for the model (instead of the hub)")
-    dataset: str = _opt("", "builtin:TASK, vtab:TASK, imagefolder:PATH or hf:REPO[:CONFIG]; empty: a built-in task")
-    output: str = _opt("", "run directory; empty: runs/METHOD-TASK")
-    options: dict[str, Any] = _opt(dict, "the method's options; on the command line: --set METHOD.OPTION=VALUE", flag=False)
-    epochs: int = _opt(7, "the default run (`make demo`) finishes in under 3 minutes on 2 CPU cores")
-    batch_size: int = _opt(64, "per process; 64 is the VTAB-1k setting")
-    lr: float | None = _opt(None, "empty: the method's own for this backbone (`peftvision info` lists them)")
-    weight_decay: float = _opt(1e-4, "not on biases, norms or the model's no_weight_decay() (pos_embed, cls_token)")
-    optimizer: str = _opt("adamw", "any timm optimizer: adamw, sgd (nesterov), momentum, lamb, lion, ... "
+    method: str = option("lora", "a registered method (`peftvision info` lists them)")
+    model: str = option("", "timm model name; empty: peftvision's embedded backbone")
+    checkpoint: str | None = option(None, "local weights file for the model (instead of the hub)")
+    dataset: str = option("", "builtin:TASK, vtab:TASK, imagefolder:PATH or hf:REPO[:CONFIG]; empty: a built-in task")
+    output: str = option("", "run directory; empty: runs/METHOD-TASK")
+    options: dict[str, Any] = option(dict, "the method's options; on the command line: --set METHOD.OPTION=VALUE", flag=False)
+    epochs: int = option(7, "the default run (`make demo`) finishes in under 3 minutes on 2 CPU cores")
+    batch_size: int = option(64, "per process; 64 is the VTAB-1k setting")
+    lr: float | None = option(None, "empty: the method's own for this backbone (`peftvision info` lists them)")
+    weight_decay: float = option(1e-4, "not on biases, norms or the model's no_weight_decay() (pos_embed, cls_token)")
+    optimizer: str = option("adamw", "any timm optimizer: adamw, sgd (nesterov), momentum, lamb, lion, ... "
                                    "(timm.optim.list_optimizers())")
-    momentum: float = _opt(0.9, "for optimizers with momentum (sgd, momentum, ...)")
-    layer_decay: float | None = _opt(None, "layer-wise lr decay (timm): block i gets lr * decay^(depth - i); 0.65-0.75 "
+    momentum: float = option(0.9, "for optimizers with momentum (sgd, momentum, ...)")
+    layer_decay: float | None = option(None, "layer-wise lr decay (timm): block i gets lr * decay^(depth - i); 0.65-0.75 "
                                            "is common for full fine-tuning")
-    warmup_epochs: float = _opt(1.0, "linear warm-up, then cosine decay to 0 (timm's scheduler, per step)")
-    grad_accum: int = _opt(1, "gradient accumulation steps")
-    clip_grad: float | None = _opt(1.0, "max grad norm; 0 or none disables it")
-    mixed_precision: str = _opt("no", "no, bf16 or fp16", choices=("no", "bf16", "fp16"))
-    label_smoothing: float = _opt(0.0, "cross-entropy label smoothing")
-    head_init: str = _opt("auto", "the head's start: probe (a linear probe fitted on the frozen features: LP-FT), "
-                                  "random (timm's init); auto: probe where only the head trains (the linear method: "
-                                  "the probe is its whole training), else random", choices=("auto", "probe", "random"))
-    grad_checkpointing: bool = _opt(False, "recompute activations in backward: ViT-S 35-62% less memory, 1.3-1.5x time")
-    seed: int = _opt(0, "model init, data order, and the draw of the val slice / VTAB-1k splits")
-    patience: int | None = _opt(None, "early stopping after this many epochs without a better val top-1")
+    warmup_epochs: float = option(1.0, "linear warm-up, then cosine decay to 0 (timm's scheduler, per step)")
+    grad_accum: int = option(1, "gradient accumulation steps")
+    clip_grad: float | None = option(1.0, "max grad norm; 0 or none disables it")
+    mixed_precision: str = option("no", "no, bf16 or fp16", choices=("no", "bf16", "fp16"))
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing")
+    feature_cache: str = option("disk", "disk: frozen features a linear probe reads are computed once and kept under "
+                                        "$PEFTVISION_CACHE/features (reused by later runs); off", choices=("disk", "off"))
+    head_init: str = option("auto", "the head's start: probe (a linear probe fitted on the frozen features: LP-FT), "
+                                  "random (timm's init); auto: the method's own choice (probe for most; for the "
+                                  "linear method the probe is its whole training)", choices=("auto", "probe", "random"))
+    grad_checkpointing: bool = option(False, "recompute activations in backward: ViT-S 35-62% less memory, 1.3-1.5x time")
+    seed: int = option(0, "model init, data order, and the draw of the val slice / VTAB-1k splits")
+    patience: int | None = option(None, "early stopping after this many epochs without a better val top-1")
     # Splits (peftvision/data/protocol.py): on your data (imagefolder:, hf:) test = test/, else val/, else a
     # fixed 20% hold-out; val = val/ when there is one, else a 10% slice of train/; on the benchmark tasks
     # (builtin:, vtab:) train / val are VTAB-1k's train800 / val200. Which of them a run uses is the
     # selection policy (peftvision/selection.py): a val set too small to tell epochs apart is not used.
-    train_split: str = _opt("train", "train (all but the val slice; builtin:/vtab: train800), trainval, train800, train800val200")
-    val_split: str | None = _opt("auto", "auto: val/ (or VTAB-1k's val200) if there is one, a 10% slice of train/ only "
+    train_split: str = option("train", "train (all but the val slice; builtin:/vtab: train800), trainval, train800, train800val200")
+    val_split: str | None = option("auto", "auto: val/ (or VTAB-1k's val200) if there is one, a 10% slice of train/ only "
                                          "if it holds >= 200 images, else none; none: train on every image")
-    keep: str = _opt("auto", "which epoch's adapter is kept: best (on val), last, or auto: best when val has >= 200 "
+    keep: str = option("auto", "which epoch's adapter is kept: best (on val), last, or auto: best when val has >= 200 "
                              "images, else last", choices=("auto", "best", "last"))
-    test_split: str | None = _opt("test", "what is reported; none: no test")
-    resize: str | None = _opt(None, "eval preprocessing: crop (the model's own) or squash (whole image); "
+    test_split: str | None = option("test", "what is reported; none: no test")
+    resize: str | None = option(None, "eval preprocessing: crop (the model's own) or squash (whole image); "
                                     "empty: crop for imagefolder:/hf: photos, squash for builtin:/vtab:",
                               choices=("crop", "squash"))
-    augment: bool = _opt(False, "train-time augmentation (off in VTAB-1k)")
-    num_workers: int = _opt(2, "DataLoader worker processes")
-    max_test: int | None = _opt(None, "cap the test set size (large VTAB test sets)")
-    quiet: bool = _opt(False, "no progress bar or summary")
-    report_to: str = _opt("none", "experiment tracker through accelerate: tensorboard (OUTPUT/tensorboard), wandb, "
+    augment: bool = option(False, "train-time augmentation (off in VTAB-1k)")
+    num_workers: int = option(2, "DataLoader worker processes")
+    max_test: int | None = option(None, "cap the test set size (large VTAB test sets)")
+    quiet: bool = option(False, "no progress bar or summary")
+    report_to: str = option("none", "experiment tracker through accelerate: tensorboard (OUTPUT/tensorboard), wandb, "
                                   "mlflow, all (every installed one), none", choices=REPORT_TO)
 
     def __post_init__(self) -> None:
@@ -93,6 +96,7 @@ class TrainConfig:
             (self.resize in (None, "crop", "squash"), "resize must be crop or squash"),
             (self.keep in ("auto", "best", "last"), "keep must be auto, best or last"),
             (self.head_init in ("auto", "probe", "random"), "head_init must be auto, probe or random"),
+            (self.feature_cache in ("disk", "off"), "feature_cache must be disk or off"),
         ]
         for ok, message in checks:
             if not ok:
@@ -100,16 +104,22 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
-        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-        values = {k: _coerce(k, v, types[k]) for k, v in values.items()}
-        try:
-            return cls(**values)
-        except TypeError as e:
-            raise ConfigError(str(e)) from None
+        return from_values(cls, values)
+
+
+def from_values(cls: type, values: dict[str, Any]) -> Any:
+    """A config dataclass from YAML or flag values, converted by each field's annotation; unknown keys
+    and wrong types are one clear error."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    values = {k: _coerce(k, v, types[k]) for k, v in values.items()}
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _coerce(key: str, value: Any, annotation: str) -> Any:
@@ -268,25 +278,26 @@ def resume_config(output: str | Path, flags: dict[str, Any], recipe: str | None 
 
 # ----------------------------------------------------------------------------- command-line flags
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> list[str]:
-    """One `--kebab-case` flag per config field (from its type, default and help); returns the field
-    names, whose parsed values are None when a flag is not given (so a recipe's value stands)."""
+def add_config_flags(parser: argparse.ArgumentParser, cls: type = TrainConfig, only: tuple[str, ...] | None = None) -> list[str]:
+    """One `--kebab-case` flag per config field (from its type, default and help; `only`: these fields);
+    returns the field names, whose parsed values are None when a flag is not given (so a recipe's value
+    stands). A field's `parse=` metadata converts its string (a comma list to a tuple, say)."""
     names = []
     defaults = cls()
     for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
-        if not meta.get("flag", True):
+        if not meta.get("flag", True) or (only is not None and f.name not in only):
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        shown = "" if default in (None, "") else f" (default {default})"
+        shown = "" if default is None or default is False or default in ("", ()) else f" (default {default})"
         help_text = (meta.get("help", "") + shown).replace("%", "%%")
         annotation = str(f.type).replace(" | None", "")
         if annotation == "bool":
             parser.add_argument(flag, dest=f.name, action="store_const", const=True, help=help_text)
         else:
-            kind = {"int": int, "float": float}.get(annotation, str)
-            if str(f.type).endswith("| None") and kind is not str:
+            kind = meta.get("parse") or {"int": int, "float": float}.get(annotation, str)
+            if str(f.type).endswith("| None") and kind in (int, float):
                 kind = str  # "none" is a value too; TrainConfig.from_dict converts it
             parser.add_argument(flag, dest=f.name, type=kind, choices=meta.get("choices"), help=help_text,
                                 metavar=None if meta.get("choices") else f.name.upper())

@@ -64,6 +64,8 @@ def finetune(
         raise PeftVisionError(
             f"{output} already holds a run; continue it with --resume {output}, or choose another --output"
         )
+    if not resume and any((output / name).exists() for name in ("metrics.json", "adapter_config.json")):
+        raise PeftVisionError(f"{output} already holds a finished run; choose another --output")  # e.g. a probe: no checkpoint/
 
     reset_peak_memory()
     accelerator = Accelerator(
@@ -89,9 +91,11 @@ def _run(
     from ..adapters.io import save_adapter
     from ..backbones.backbone import create_model
     from ..data import load_task, run_loaders
+    from ..methods import get_method
     from ..methods.freeze import get_state, param_report
     from ..methods.inject import enable_grad_checkpointing, inject
     from ..ui import Progress
+    from .probe import probe_head
     from .loop import train
     from .report import write_history
     from .selection import choose_selection
@@ -122,14 +126,21 @@ def _run(
 
     # ---- the head's start: a linear probe on the frozen features (LP-FT), or timm's random init
     head_only = len(state.trainable_names) == len(state.head_names)  # nothing but the head trains
-    head_init = cfg.head_init if cfg.head_init != "auto" else ("probe" if head_only else "random")
+    probe_first = head_only or get_method(cfg.method).probe_head  # the method says whether LP-FT is its default
+    head_init = cfg.head_init if cfg.head_init != "auto" else ("probe" if probe_first else "random")
     probe: dict[str, Any] = {"init": head_init}
+    features: dict[str, Any] = {}
     if head_init == "probe" and not resume:
-        probe.update(_probe_head(model, task, cfg, loaders, resize, accelerator))
+        # base features are the model's own where the method leaves the base unchanged at init: cacheable
+        cache = cfg.feature_cache == "disk" and (head_only or get_method(cfg.method).identity_at_init)
+        probe.update(probe_head(model, task, cfg, resize, accelerator, cache, with_test=head_only))
+        features = probe.pop("features")
         log("probe", **probe)
     if head_only and head_init == "probe":  # a convex problem solved: there is nothing left to train
         return _finish(cfg, accelerator, output, task, model, loaders, selection, splits, report, probe,
-                       _probe_loop(model, loaders, task, accelerator, output, probe), log)
+                       _probe_loop(model, task, accelerator, output, probe, features), log, features)
+    if not resume:  # the method's data-aware step (a no-op for most); a resumed run has it in its checkpoint
+        log("prepare", seconds=_prepare(model, loaders.train, accelerator))
 
     # ---- train, keeping the best adapter on disk as it happens
     progress = Progress(cfg.epochs, enabled=main and not cfg.quiet)
@@ -160,7 +171,8 @@ def _run(
 
 
 def _finish(cfg: TrainConfig, accelerator: Any, output: Path, task: Any, model: Any, loaders: Any, selection: Any,
-            splits: dict, report: Any, probe: dict[str, Any], loop: LoopState, log: _Log) -> dict[str, Any]:
+            splits: dict, report: Any, probe: dict[str, Any], loop: LoopState, log: _Log,
+            features: dict[str, Any] | None = None) -> dict[str, Any]:
     """Test the kept adapter and write the run's files (every process reads the adapter the main process wrote)."""
     from ..adapters.format import WEIGHTS_NAME
     from ..adapters.io import load_best
@@ -174,7 +186,11 @@ def _finish(cfg: TrainConfig, accelerator: Any, output: Path, task: Any, model: 
     accelerator.wait_for_everyone()
     load_best(model, output)
     test: dict[str, float] = {}
-    if loaders.test is not None:
+    if features and "test" in features:  # a probe-only run: the head on the test images' frozen features
+        from .probe import head_linear, head_metrics
+
+        test = head_metrics(head_linear(model, get_state(model).backbone.head_names), features["test"], task.num_classes)
+    elif loaders.test is not None:
         test_loader = accelerator.prepare(loaders.test)
         with progress_bar(f"testing on {len(task.split(cfg.test_split)):,} images", len(test_loader),
                           enabled=main and not cfg.quiet) as tick:
@@ -222,46 +238,39 @@ def _finish(cfg: TrainConfig, accelerator: Any, output: Path, task: Any, model: 
     return metrics
 
 
-def _probe_head(model: Any, task: Any, cfg: TrainConfig, loaders: Any, resize: str, accelerator: Any) -> dict[str, Any]:
-    """Fit the head as a linear probe on the frozen features of the training images (L2 picked on the
-    val images, else by k-fold on train) and put it in the model; returns what was chosen."""
+def _prepare(model: Any, loader: Any, accelerator: Any) -> float:
+    """`Method.prepare` on the training batches, once before training; every process keeps the main
+    process's result (its state tensors), so DDP replicas agree. Returns the seconds it took."""
     from accelerate.utils import broadcast
 
-    from ..data import build_loader, make_transform
-    from ..methods.freeze import get_state
-    from ..ui import progress_bar
-    from .probe import describe_fit, extract_features, fit_probe, head_linear, set_head
+    from ..methods.inject import prepare, state_tensors
+
+    def batches() -> Any:  # a generator function: the loader is only iterated if the method reads it
+        for images, labels in loader:
+            yield images.to(accelerator.device), labels.to(accelerator.device)
 
     t0 = time.perf_counter()
-    head = head_linear(model, get_state(model).backbone.head_names)
-    train_loader = build_loader(task.dataset(cfg.train_split, make_transform(model, train=False, resize=resize)),
-                                batch_size=cfg.batch_size, num_workers=cfg.num_workers)
-    shown = accelerator.is_main_process and not cfg.quiet
-    features = {}
-    for role, loader in (("train", train_loader), ("val", loaders.val)):
-        if loader is not None:
-            loader = accelerator.prepare(loader)
-            with progress_bar(f"probe: features of the {role} images", len(loader), enabled=shown) as tick:
-                features[role] = extract_features(model, head, loader, accelerator, on_batch=tick)
-    fit = fit_probe(features["train"], task.num_classes, features.get("val"), seed=cfg.seed)
-    set_head(head, fit)
-    for p in head.parameters():  # every process fitted the same; rank 0's is the one all keep
-        p.data.copy_(broadcast(p.data.contiguous(), from_process=0))
-    return {"l2": fit.l2, "chosen_on": fit.chosen_on, "held_out_top1": fit.held_out_top1,
-            "held_out_loss": fit.held_out_loss, "seconds": time.perf_counter() - t0, "about": describe_fit(fit)}
+    prepare(model.to(accelerator.device), batches())
+    if accelerator.num_processes > 1:
+        for tensor in state_tensors(model).values():
+            tensor.copy_(broadcast(tensor.contiguous(), from_process=0))
+    return time.perf_counter() - t0
 
 
-def _probe_loop(model: Any, loaders: Any, task: Any, accelerator: Any, output: Path, probe: dict[str, Any]) -> LoopState:
+def _probe_loop(model: Any, task: Any, accelerator: Any, output: Path, probe: dict[str, Any],
+                features: dict[str, Any]) -> LoopState:
     """The loop's state for a run whose whole training was the probe: one record, the adapter saved."""
     from ..adapters.io import save_adapter
-    from .evaluate import evaluate_model
+    from ..methods.freeze import get_state
+    from .probe import head_linear, head_metrics
 
     if "seconds" not in probe:
         raise PeftVisionError(f"nothing to resume in {output}: a linear probe has no epochs; run it again")
     record: dict[str, Any] = {"epoch": 0, "train_loss": float("nan"), "lr": 0.0, "seconds": probe["seconds"]}
     state = LoopState(train_seconds=probe["seconds"], history=[record])
-    if loaders.val is not None:
-        val = evaluate_model(accelerator.prepare(model), accelerator.prepare(loaders.val), task.num_classes, accelerator)
+    if "val" in features:
+        head = head_linear(model, get_state(model).backbone.head_names)
+        val = head_metrics(head, features["val"], task.num_classes)
         record.update(val_loss=val["loss"], val_top1=val["top1"])
         state.best_top1 = val["top1"]
     state.best_epoch = 0

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..data import RunLoaders
 from ..errors import ConfigError, TrainingDiverged
+from ..methods.inject import lr_multipliers, state_tensors
 from ..ui import GracefulInterrupt
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -32,6 +33,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     It takes only trainable tensors and keeps weight decay off 1-d tensors, biases and the model's own
     `no_weight_decay()` list (position embeddings, class token); `cfg.layer_decay` scales block i's lr by
     decay^(depth - i) through timm's `group_matcher`, the head and anything outside the blocks at full lr.
+    A method's own lr multipliers (`Method.lr_multipliers`, e.g. LoRA+) multiply on top, per parameter.
     """
     from timm.optim import create_optimizer_v2
 
@@ -39,13 +41,35 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         raise ConfigError("lr is unset: resolve the config first (peftvision.training.finetune.resolve_config fills the method's)")
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("the model has no trainable parameters: inject a method first")
+    multipliers = lr_multipliers(model)
     try:
         return create_optimizer_v2(
-            model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-            layer_decay=cfg.layer_decay,
+            _scaled_groups(model, cfg, multipliers) if multipliers else model, opt=cfg.optimizer, lr=cfg.lr,
+            weight_decay=cfg.weight_decay, momentum=cfg.momentum, layer_decay=cfg.layer_decay,
         )
     except ValueError as e:  # timm's "optimizer not found"
         raise ConfigError(f"--optimizer {cfg.optimizer}: {e}") from None
+
+
+def _scaled_groups(model: nn.Module, cfg: TrainConfig, multipliers: dict[str, float]) -> list[dict[str, Any]]:
+    """timm's own parameter groups (weight decay, layer decay), each split by the method's lr multipliers,
+    which go into the group's `lr_scale`: timm's scheduler applies it at every step, as for layer decay."""
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+    no_decay = getattr(model, "no_weight_decay", lambda: set())()
+    if cfg.layer_decay is not None:
+        groups = param_groups_layer_decay(model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
+                                          no_weight_decay_list=no_decay)
+    else:
+        groups = param_groups_weight_decay(model, weight_decay=cfg.weight_decay, no_weight_decay_list=no_decay)
+    factor = {id(p): multipliers[n] for n, p in model.named_parameters() if n in multipliers}
+    split: list[dict[str, Any]] = []
+    for group in groups:
+        by_factor: dict[float, list[nn.Parameter]] = {}
+        for p in group["params"]:
+            by_factor.setdefault(factor.get(id(p), 1.0), []).append(p)
+        split += [{**group, "params": ps, "lr_scale": group.get("lr_scale", 1.0) * f} for f, ps in by_factor.items()]
+    return split
 
 
 def check_optimizer(name: str) -> None:
@@ -73,8 +97,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
-    """The base lr now (the group at full scale: layer decay scales the others down)."""
-    return max(g["lr"] for g in optimizer.param_groups)
+    """The base lr now: a group's lr over its `lr_scale` (layer decay scales groups down, a method's lr
+    multipliers up or down), so it is the schedule's value whatever the groups."""
+    return max(g["lr"] / g["lr_scale"] if g.get("lr_scale") else g["lr"] for g in optimizer.param_groups)
 
 
 @dataclass
@@ -113,6 +138,7 @@ def train(
     """
     optimizer = build_optimizer(model, cfg)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params.update(state_tensors(model))  # the method's untrained state (GPS's selection): a resume needs it
     ddp_model, optimizer, train_loader = accelerator.prepare(model, optimizer, loaders.train)
     val_loader = accelerator.prepare(loaders.val) if loaders.val is not None else None
     # the schedule counts this process's optimizer steps (its shard of the data), so it is the same
