@@ -327,6 +327,71 @@ def test_decompression_bombs_are_refused_from_their_header(server, bombs):
         assert took < 1.0, f"{name}: {took:.1f} s -- decoding 144-169 MP takes seconds; the header check takes ms"
 
 
+def test_huge_canvases_and_risky_formats_are_refused_before_decoding(server):
+    """Past PIL's own bomb cap (2 x 89 MP, raised inside open()) is still 413; a progressive JPEG is
+    sized from its header, not after draft() scaled it down (libjpeg would buffer the whole canvas);
+    formats that decode while opening (ICO) are not opened at all."""
+    from PIL import Image
+
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)  # 400 MP declared, no pixel data
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header_only = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(20001))) + chunk(b"IEND", b"")
+    r = _predict(server, "lora", header_only)
+    assert r.status_code == 413 and "over the limit of 1,000,000" in r.json()["error"], r.text
+    buf = io.BytesIO()
+    Image.new("RGB", (1100, 1000), (90, 120, 30)).save(buf, format="JPEG", progressive=True, quality=50)
+    assert len(buf.getvalue()) < 1_000_000  # within the body limit: the pixel check must act
+    r = _predict(server, "lora", buf.getvalue())  # draft() would scale it to 138 x 125, under the limit
+    assert r.status_code == 413 and "1100x1000" in r.json()["error"], r.text
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, format="ICO")
+    r = _predict(server, "lora", buf.getvalue())
+    assert r.status_code == 400 and "not an image format" in r.json()["error"], r.text
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, format="WEBP")
+    assert _predict(server, "lora", buf.getvalue()).status_code == 200
+
+
+def _raw(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        chunks = []
+        while True:
+            try:
+                data = s.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not data:
+                break
+            chunks.append(data)
+        return b"".join(chunks)
+
+
+def test_oversized_headers_are_refused(server):
+    port = int(server.rsplit(":", 1)[1])
+    answer = _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 200_000 + b"\r\n\r\n")
+    assert not answer.startswith(b"HTTP/1.1 200"), answer[:80]
+    assert httpx.get(f"{server}/health").status_code == 200  # and the server is fine
+
+
+def test_connections_beyond_the_cap_get_503_with_retry_after(setup):
+    with running(_model(setup), max_connections=2, request_timeout=30.0) as url:
+        port = int(url.rsplit(":", 1)[1])
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        try:
+            time.sleep(0.3)
+            answer = _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = answer.split(b"\r\n\r\n")[0].lower()
+            assert head.startswith(b"http/1.1 503") and b"retry-after: 1" in head, answer[:200]
+        finally:
+            for s in held:
+                s.close()
+        time.sleep(0.3)
+        assert httpx.get(f"{url}/health").status_code == 200  # slots free again
+
+
 def test_16_bit_images_read_as_their_top_byte(server):
     """A 16-bit PNG (gray and RGB) predicts as the 8-bit PNG of its top byte: converted, not saturated."""
     from PIL import Image
@@ -505,6 +570,9 @@ def test_tritonclient_health_and_metadata(triton):
     assert meta["name"] == "adapter" and meta["versions"] == ["1"]
     assert {i["name"]: i["datatype"] for i in meta["inputs"]} == {"IMAGE": "BYTES", "PIXELS": "FP32"}
     assert {o["name"]: o["shape"] for o in meta["outputs"]} == {"PROBABILITIES": [-1, 4], "LABEL": [-1]}
+    config = client.get_model_config("adapter")
+    assert config["max_batch_size"] == 16 and {o["name"]: o["dims"] for o in config["output"]}["PROBABILITIES"] == [4]
+    assert {i["name"]: i["data_type"] for i in config["input"]} == {"IMAGE": "TYPE_STRING", "PIXELS": "TYPE_FP32"}
 
 
 @pytest.mark.parametrize("binary", [True, False])
@@ -584,6 +652,8 @@ def test_tritonclient_errors(triton):
         (b'{"inputs": "x"}', 400),
         (b'{"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": ["AAAA"]}], "outputs": [{"name": "X"}]}', 422),
         (b'{"inputs": [' * 40 + b"]" * 40 + b"}", 400),
+        (b'{"inputs": [{"name": "PIXELS", "datatype": "FP32", "shape": [1, 3, 64, 64], "data": [1'
+         + b"0" * 400 + b",1" * (3 * 64 * 64 - 1) + b"]}]}", 422),  # an integer past any float: not a 500
     ],
 )
 def test_v2_malformed_requests(server, body, status):

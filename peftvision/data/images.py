@@ -65,6 +65,11 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
     return a.astype(np.uint8)
 
 
+# What `serve` decodes from strangers: the formats photos come in, each sized by its header before any
+# pixel is read. Formats that decode while opening (ICO, ICNS, EPS, ...) are refused before that happens.
+SERVE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
 def upright(img: Image.Image) -> Image.Image:
     """`img` turned as its EXIF orientation says (in place): a phone photo stored sideways is seen the
     way it was taken, in training, `predict`, `explain` and `serve` alike."""
@@ -74,25 +79,34 @@ def upright(img: Image.Image) -> Image.Image:
 
 def _decode(
     src: str | os.PathLike | io.BytesIO, name: str, max_pixels: int | None = None, size: int | None = None,
-    advice: str = ": replace or remove it",
+    advice: str = ": replace or remove it", formats: tuple[str, ...] | None = None,
 ) -> Image.Image:
     try:
         with warnings.catch_warnings():
             if max_pixels is not None:  # the caller's limit governs; PIL's warning would only add noise
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(src)
+            if formats is not None:
+                Image.init()  # every plugin registered: open() reads OPEN[format] for each one named
+                formats = tuple(f for f in formats if f in Image.OPEN)
+            img = Image.open(src, formats=formats)
         try:
-            if size:  # JPEG: libjpeg scales by 1/2, 1/4 or 1/8 while decoding, never below size; others: no-op
-                img.draft(None, (size, size))
+            # the canvas the file declares, checked before draft(): a progressive JPEG still buffers
+            # every coefficient of its full size while libjpeg scales it down
             if max_pixels is not None and img.width * img.height > max_pixels:
                 raise ImageTooLargeError(f"{name} is {img.width}x{img.height} pixels, over the limit of {max_pixels:,}")
+            if size:  # JPEG: libjpeg scales by 1/2, 1/4 or 1/8 while decoding, never below size; others: no-op
+                img.draft(None, (size, size))
             img.load()
             return to_rgb(upright(img))
         finally:
             img.close()
     except FileNotFoundError:
         raise DataError(f"image file not found: {name}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # PIL's own cap (2 x MAX_IMAGE_PIXELS), hit inside open()
+        if max_pixels is not None:
+            raise ImageTooLargeError(f"{name} is over the limit of {max_pixels:,} pixels") from None
+        raise DataError(f"cannot read image {name} ({_reason(e)}){advice}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot read image {name} ({_reason(e)}){advice}") from None
 
 
@@ -134,8 +148,9 @@ def decode_image(
     """Decode an encoded image file (PNG, JPEG, ...) held in memory as upright RGB (used by `serve`).
 
     `max_pixels` is checked from the header, before any pixel is decoded (after a JPEG's draft scaling),
-    so a small file that claims a huge canvas (a decompression bomb) costs nothing."""
-    return _decode(io.BytesIO(data), name, max_pixels=max_pixels, size=size, advice="")
+    so a small file that claims a huge canvas (a decompression bomb) costs nothing. Only SERVE_FORMATS
+    are opened (MPO: many phones' JPEGs)."""
+    return _decode(io.BytesIO(data), name, max_pixels=max_pixels, size=size, advice="", formats=SERVE_FORMATS)
 
 
 class ArraySource:

@@ -253,6 +253,12 @@ def create_app(model: MultiAdapterModel, config: ServeConfig | None = None) -> A
         name = v2_model(name, version, request)
         return v2.model_metadata(name, model.input_size, model.num_classes(name))
 
+    @app.get("/v2/models/{name}/config")
+    @app.get("/v2/models/{name}/versions/{version}/config")
+    async def v2_config(name: str, request: Request, version: str | None = None) -> dict[str, Any]:
+        name = v2_model(name, version, request)
+        return v2.model_config(name, model.input_size, model.num_classes(name), config.max_batch)
+
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def v2_model_ready(name: str, request: Request, version: str | None = None) -> Response:
@@ -288,20 +294,27 @@ def _base64_image(image: Any) -> bytes | None:
 
 # ----------------------------------------------------------------------------- uvicorn
 
-def _protocol(timeout: float) -> type:
-    """uvicorn's HTTP protocol, closing a connection whose request headers have not all arrived
-    `timeout` seconds after it opened or after its last answer: uvicorn itself waits for headers
-    forever, so a client that sends half a request (slowloris) would hold its connection and its slot."""
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
-    except ImportError:  # httptools is not installed: the pure-Python h11 parser
-        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+        b"connection: close\r\ncontent-length: 63\r\n\r\n"
+        b'{"detail":"the server has too many connections; retry shortly"}')
+
+def _protocol(timeout: float, max_connections: int) -> type:
+    """uvicorn's h11 HTTP protocol with two guards uvicorn lacks. A connection whose request headers have
+    not all arrived `timeout` seconds after it opened or after its last answer is closed: uvicorn waits
+    for headers forever, so a client that sends half a request (slowloris) would hold its slot. And a
+    connection beyond `max_connections` is answered 503 with Retry-After at once (uvicorn's own
+    limit_concurrency answers without it). h11, not httptools: h11 caps the header block's size."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol as Base
 
     class Deadline(Base):  # type: ignore[misc, valid-type]
         _deadline: Any = None
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.write(BUSY)
+                transport.close()
+                return
             self._arm()
 
         def data_received(self, data: bytes) -> None:
@@ -338,8 +351,8 @@ def uvicorn_config(app: Any, config: ServeConfig, log_level: str | None = None) 
     import uvicorn
 
     return uvicorn.Config(
-        app, host=config.host, port=config.port, http=_protocol(config.request_timeout),
-        timeout_keep_alive=config.keep_alive, limit_concurrency=config.max_connections,
+        app, host=config.host, port=config.port, http=_protocol(config.request_timeout, config.max_connections),
+        timeout_keep_alive=config.keep_alive,
         h11_max_incomplete_event_size=64 * 1024, server_header=False,
         log_level=log_level or os.environ.get("PEFTVISION_LOG_LEVEL", "warning"),
     )

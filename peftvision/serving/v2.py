@@ -30,7 +30,7 @@ IMAGE, PIXELS = "IMAGE", "PIXELS"
 PROBABILITIES, LABEL = "PROBABILITIES", "LABEL"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 VERSION = "1"
-EXTENSIONS = ["binary_tensor_data", "classification"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
 
 
 def model_metadata(name: str, input_size: tuple[int, ...], num_classes: int) -> dict[str, Any]:
@@ -41,6 +41,20 @@ def model_metadata(name: str, input_size: tuple[int, ...], num_classes: int) -> 
                    {"name": PIXELS, "datatype": "FP32", "shape": [-1, *input_size]}],
         "outputs": [{"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, num_classes]},
                     {"name": LABEL, "datatype": "BYTES", "shape": [-1]}],
+    }
+
+
+def model_config(name: str, input_size: tuple[int, ...], num_classes: int, max_batch: int) -> dict[str, Any]:
+    """GET /v2/models/{name}/config: Triton's model configuration (its JSON form), what
+    tritonclient's get_model_config reads: batched, so dims leave the batch out."""
+    scalar = {"dims": [1], "reshape": {"shape": []}}
+    return {
+        "name": name, "platform": "peftvision", "backend": "peftvision", "max_batch_size": max_batch,
+        "input": [{"name": IMAGE, "data_type": "TYPE_STRING", "format": "FORMAT_NONE", **scalar},
+                  {"name": PIXELS, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW", "dims": list(input_size)}],
+        "output": [{"name": PROBABILITIES, "data_type": "TYPE_FP32", "dims": [num_classes]},
+                   {"name": LABEL, "data_type": "TYPE_STRING", **scalar}],
+        "version_policy": {"latest": {"num_versions": 1}},
     }
 
 
@@ -172,7 +186,10 @@ def _pixels(data: bytes | Any, shape: list[int]) -> torch.Tensor:
         values = _flat(data)
         if len(values) != math.prod(shape) or not all(type(v) in (int, float) for v in values):
             raise _bad(f"{PIXELS} data must be {math.prod(shape)} numbers for its shape")
-        array = np.asarray(values, dtype=np.float32)
+        try:
+            array = np.asarray(values, dtype=np.float32)
+        except (OverflowError, ValueError):  # an integer beyond any float: refused, not a 500
+            raise HTTPError(422, f"{PIXELS} must be finite numbers") from None
     if not np.isfinite(array).all():
         raise HTTPError(422, f"{PIXELS} must be finite numbers")
     return torch.from_numpy(array.reshape(shape))
