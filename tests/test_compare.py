@@ -102,7 +102,13 @@ def test_search_unlocks_each_grids_final_runs_as_soon_as_it_is_done(tmp_path):
 
     cc = CompareConfig(methods=("linear", "lora"), model="pv_vit_tiny_32", search=True, seeds=2)
     grid, then = _plan(cc, ["builtin:digits", "builtin:shape_loc"], tmp_path)
-    assert len(grid) == 2 * 2 * len(LR_GRID) * len(WD_GRID) and {j.kind for j in grid} == {"search"}
+    # the linear probe picks its own L2 and ignores lr and wd: one point per task, the whole grid for LoRA
+    assert len(grid) == 2 * (1 + len(LR_GRID) * len(WD_GRID)) and {j.kind for j in grid} == {"search"}
+    linear = [j for j in grid if j.method == "linear"]
+    assert [j.task for j in linear] == ["builtin:digits", "builtin:shape_loc"]
+    linear_finals = then({"kind": "search", "method": "linear", "task": "builtin:digits", "lr": linear[0].lr,
+                          "weight_decay": linear[0].weight_decay, "status": "ran", "best_val_top1": 90.0})
+    assert [(j.kind, j.seed) for j in linear_finals] == [("final", 0), ("final", 1)]
     lora_digits = [j for j in grid if (j.method, j.task) == ("lora", "builtin:digits")]
     row = lambda j, top1: {"kind": j.kind, "method": j.method, "task": j.task, "lr": j.lr,  # noqa: E731
                            "weight_decay": j.weight_decay, "status": "ran", "best_val_top1": top1}

@@ -65,6 +65,27 @@ def test_the_cache_keeps_under_its_cap_least_recently_used_first(monkeypatch):
     assert names == ["mid", "new"]
 
 
+def test_eviction_survives_entries_another_process_removed(monkeypatch):
+    """Two runs share the cache: an entry listed by one and deleted by the other before its stat() is
+    skipped, not a FileNotFoundError that ends the run."""
+    compute = lambda rows: torch.zeros(len(rows), 1000)  # noqa: E731
+    F.cached_features("a", np.arange(50), compute)
+    F.cached_features("b", np.arange(50), compute)
+    gone = F.cache_dir() / "a.safetensors"
+    real_glob = Path.glob
+
+    def glob_then_delete(self: Path, pattern: str):  # the listing, then the other process's unlink
+        found = list(real_glob(self, pattern))
+        gone.unlink(missing_ok=True)
+        return iter(found)
+
+    monkeypatch.setattr(Path, "glob", glob_then_delete)
+    monkeypatch.setenv("PEFTVISION_FEATURE_CACHE_GB", str(250_000 / 1e9))
+    F.cached_features("c", np.arange(50), compute)
+    monkeypatch.setattr(Path, "glob", real_glob)
+    assert sorted(p.stem for p in F.cache_dir().glob("*.safetensors")) == ["c"]
+
+
 def test_the_key_changes_with_the_model_the_preprocessing_and_the_files(tmp_path):
     from peftvision.data.images import FileSource
 
@@ -99,7 +120,8 @@ def _photos(root: Path, n: int = 12) -> None:
 
 
 def _cfg(tmp_path: Path, backbone: str, data: Path, name: str, **kw) -> TrainConfig:
-    return TrainConfig(model="pv_vit_tiny_32", checkpoint=backbone, dataset=f"imagefolder:{data}", epochs=1,
+    kw = {"epochs": 1, **kw}
+    return TrainConfig(model="pv_vit_tiny_32", checkpoint=backbone, dataset=f"imagefolder:{data}",
                        batch_size=8, num_workers=0, quiet=True, output=str(tmp_path / name), **kw)
 
 
@@ -149,3 +171,13 @@ def test_lp_ft_starts_the_head_from_the_probe(tmp_path, backbone_checkpoint):
     assert lpft["test_top1"] == pytest.approx(probe["test_top1"])
     log = [json.loads(line) for line in (tmp_path / "lpft" / "log.jsonl").read_text().splitlines()]
     assert any(e["event"] == "probe" for e in log)
+
+
+def test_a_linear_run_with_augment_trains_epochs_on_augmented_images(tmp_path, backbone_checkpoint):
+    """The probe fits once on un-augmented features, so `--method linear --augment` would silently
+    ignore the flag: with augment on, the head trains by SGD through the epochs instead."""
+    data = tmp_path / "photos"
+    _photos(data)
+    run = finetune(_cfg(tmp_path, backbone_checkpoint, data, "aug", method="linear", augment=True, epochs=2))
+    assert run["head_init"] == {"init": "random"} and run["epochs_run"] == 2
+    assert not list(F.cache_dir().glob("*.safetensors"))  # nothing fitted on frozen features

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..methods import default_lr, get_method
 from ..training.config import TrainConfig
 from ..ui import RunsProgress
 from .jobs import ENGINES, RAY_FILES, CompareConfig, Job, Then, task_dir
@@ -58,10 +59,18 @@ def _execute(jobs: list[Job], cc: CompareConfig, progress: RunsProgress, then: T
     return execute_local(jobs, cc, progress, then)
 
 
+def _grid(cc: CompareConfig, method: str) -> list[tuple[float, float]]:
+    """The (lr, wd) points searched for `method`: one for a head-only method (its probe picks its own
+    L2 and ignores both), else LR_GRID x WD_GRID."""
+    if get_method(method).head_only:
+        return [(default_lr(method, cc.model), TrainConfig.weight_decay)]
+    return [(lr, wd) for lr in LR_GRID for wd in WD_GRID]
+
+
 def _search_jobs(cc: CompareConfig, tasks: list[str], root: Path) -> list[Job]:
     return [
         Job("search", m, t, 0, lr, wd, str(root / "search" / task_dir(t) / m / f"lr{lr:g}-wd{wd:g}"))
-        for t in tasks for m in cc.methods for lr in LR_GRID for wd in WD_GRID
+        for t in tasks for m in cc.methods for lr, wd in _grid(cc, m)
     ]
 
 

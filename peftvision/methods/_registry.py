@@ -68,6 +68,9 @@ class Method:
     # (benchmarks/RESULTS.md, regime table); a method that measures worse with it sets False
     probe_head: ClassVar[bool] = True
     trains_base_weights: ClassVar[bool] = False  # unfreezes weights of the base rather than adding modules
+    # nothing but the head trains: with a probe head the run is one convex fit that picks its own L2,
+    # so lr and weight decay do not apply (compare's search runs one point, not the whole grid)
+    head_only: ClassVar[bool] = False
     # name fragments of the parameters that get no gradient on the first step because a zero-initialised
     # factor follows them (LoRA's A before B = 0); the tests hold every other trainable tensor to a gradient
     silent_at_init: ClassVar[tuple[str, ...]] = ()

@@ -37,6 +37,7 @@ class LinearProbe(_Baseline):
     """Only the classifier head trains (the frozen backbone is a feature extractor)."""
 
     name = "linear"
+    head_only = True
     default_lr = 3e-3  # a head from scratch on frozen features tolerates a larger step
     embedded_lr = 3e-2  # on the embedded 32-px backbones (benchmarks/default-lr.md)
 

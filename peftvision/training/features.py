@@ -75,14 +75,25 @@ def _cap_bytes() -> int:
     return int(gb * 1e9)
 
 
+def _size_and_age(p: Path) -> tuple[int, float] | None:
+    try:
+        st = p.stat()
+    except OSError:  # another process evicted or replaced it meanwhile
+        return None
+    return st.st_size, st.st_mtime
+
+
 def _evict(root: Path, keep: Path) -> None:
-    """Remove the least recently used entries until the cache fits its cap (never `keep`)."""
-    files = sorted((p for p in root.glob("*.safetensors") if p != keep), key=lambda p: p.stat().st_mtime)
-    total = sum(p.stat().st_size for p in files) + (keep.stat().st_size if keep.exists() else 0)
-    for p in files:
+    """Remove the least recently used entries until the cache fits its cap (never `keep`). Other
+    processes may fill or evict the same cache at once: a file that vanished is simply not counted."""
+    entries = [(p, s) for p in root.glob("*.safetensors") if p != keep and (s := _size_and_age(p)) is not None]
+    entries.sort(key=lambda e: e[1][1])
+    kept = _size_and_age(keep)
+    total = sum(s[0] for _, s in entries) + (kept[0] if kept else 0)
+    for p, (size, _) in entries:
         if total <= _cap_bytes():
             break
-        total -= p.stat().st_size
+        total -= size
         p.unlink(missing_ok=True)
 
 

@@ -127,6 +127,9 @@ def _run(
     # ---- the head's start: a linear probe on the frozen features (LP-FT), or timm's random init
     head_only = len(state.trainable_names) == len(state.head_names)  # nothing but the head trains
     probe_first = head_only or get_method(cfg.method).probe_head  # the method says whether LP-FT is its default
+    # a head-only run with --augment trains its epochs by SGD on augmented images: a probe fitted once on
+    # un-augmented features would ignore the flag (with other methods the probe is only the start)
+    probe_first = probe_first and not (head_only and cfg.augment)
     head_init = cfg.head_init if cfg.head_init != "auto" else ("probe" if probe_first else "random")
     probe: dict[str, Any] = {"init": head_init}
     features: dict[str, Any] = {}
