@@ -33,6 +33,7 @@ from PIL import Image
 import peftvision as pv
 from peftvision.cli import main
 from peftvision.data import make_transform
+from peftvision.adapters.onnx import OPSET
 from peftvision.errors import PeftVisionError
 from peftvision.methods.freeze import unwrap
 from peftvision.methods import build_config, get_method
@@ -386,6 +387,10 @@ def test_onnx_export_runs_in_onnxruntime_with_a_dynamic_batch(tmp_path, base_che
     assert prep["crop_mode"] == "squash" and prep["input_size"] == list(x.shape[1:])
     assert json.loads(meta["peftvision.merged"]) == (method in MERGEABLE)
     assert path == consumer / "model.onnx"
+    import onnx
+
+    opsets = {o.domain: o.version for o in onnx.load(str(path), load_external_data=False).opset_import}
+    assert opsets[""] == OPSET == int(meta["peftvision.opset"])  # pinned, not torch's moving default
 
 
 def test_onnx_export_refuses_a_graph_that_computes_something_else(tmp_path, base_checkpoint, monkeypatch):

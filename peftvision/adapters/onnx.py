@@ -31,6 +31,9 @@ INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
 # a protobuf file holds at most 2 GB; larger models keep their weights in `<file>.data` beside it
 _SINGLE_FILE_BYTES = 1_800_000_000
+# The ONNX opset written, fixed rather than torch's moving default: opset 18 runs on ONNX Runtime >= 1.14
+# (2023), TensorRT 8.6+ and OpenVINO 2023+; a newer torch must not silently raise what consumers need.
+OPSET = 18
 _NEEDS = ("onnx", "onnxscript", "onnxruntime")
 
 
@@ -89,7 +92,7 @@ def _export(model: nn.Module, x: torch.Tensor) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracing warnings about Python control flow, not the user's to fix
             return torch.onnx.export(
-                model, (x,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                model, (x,), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                 dynamic_shapes=({0: batch},), verbose=False,
             )
     except Exception as e:  # noqa: BLE001 -- torch.export's many error types all mean "this graph does not export"
@@ -105,6 +108,7 @@ def _metadata(model: nn.Module, prep: dict[str, Any], merged: bool) -> dict[str,
         "peftvision.method": state.method,
         "peftvision.base_model": model_spec(unwrap(model)).name,
         "peftvision.merged": json.dumps(merged),
+        "peftvision.opset": str(OPSET),
     }
     if state.class_names:
         meta["label_names"] = json.dumps(list(state.class_names))
