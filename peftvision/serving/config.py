@@ -48,7 +48,7 @@ class ServeConfig:
     request_timeout: float = option(30.0, "seconds a client has to send a whole request, headers and body (408 "
                                           "and the connection closed after)")
     keep_alive: int = option(5, "seconds an idle keep-alive connection stays open")
-    max_connections: int = option(512, "open connections and requests at once; uvicorn answers 503 beyond")
+    max_connections: int = option(512, "open connections at once; a connection beyond it is answered 503 with Retry-After")
 
     def __post_init__(self) -> None:
         checks = [
