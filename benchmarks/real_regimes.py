@@ -2,7 +2,7 @@
 
     python benchmarks/real_regimes.py [--regimes all|NAME,...] [--runs lora,plain-lora,...] [--seeds 0,1,2]
         [--epochs 5] [--batch-size 32] [--curves] [--output FILE.json]
-    python benchmarks/real_regimes.py --summary [--plot PNG]
+    python benchmarks/real_regimes.py --summary [--output FILE] [--also FILE ...] [--runs ...] [--plot PNG]
 
 The real ViT-Tiny/16 and the 1,000 real photos of ../shared (four coarse classes: dog 118, bird 59,
 other_animal 221, object 602) are cut into regimes: a task (which classes, balanced or not), a number
@@ -275,11 +275,15 @@ def main() -> int:
     p.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results-real-regimes.json")
     p.add_argument("--summary", action="store_true", help="only print the table of --output")
     p.add_argument("--plot", type=Path, metavar="PNG", help="with --summary: also draw the table")
+    p.add_argument("--also", type=Path, action="append", default=[],
+                   help="with --summary: more result files to put in the same table (e.g. ours + the peers)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results: list[dict[str, Any]] = json.loads(args.output.read_text())["runs"] if args.output.is_file() else []
     runs = args.runs.split(",")
     if args.summary:
+        for extra in args.also:
+            results += json.loads(extra.read_text())["runs"]
         print(table(results, [r for r in runs if any(x["run"] == r for x in results)] or None))
         if args.plot:
             plot(results, args.plot, [r for r in runs if any(x["run"] == r for x in results)])
