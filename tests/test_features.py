@@ -181,3 +181,14 @@ def test_a_linear_run_with_augment_trains_epochs_on_augmented_images(tmp_path, b
     run = finetune(_cfg(tmp_path, backbone_checkpoint, data, "aug", method="linear", augment=True, epochs=2))
     assert run["head_init"] == {"init": "random"} and run["epochs_run"] == 2
     assert not list(F.cache_dir().glob("*.safetensors"))  # nothing fitted on frozen features
+
+
+def test_runs_of_other_precisions_follow_each_other_in_one_process(tmp_path, backbone_checkpoint):
+    """accelerate's process-wide state would refuse the second run's bf16 ("restart your runtime"): a
+    notebook or benchmark running fp32 then bf16 must get both runs."""
+    data = tmp_path / "photos"
+    _photos(data)
+    fp32 = finetune(_cfg(tmp_path, backbone_checkpoint, data, "fp32", method="lora"))
+    bf16 = finetune(_cfg(tmp_path, backbone_checkpoint, data, "bf16", method="lora", mixed_precision="bf16"))
+    again = finetune(_cfg(tmp_path, backbone_checkpoint, data, "again", method="lora"))
+    assert fp32["test_top1"] == again["test_top1"] and bf16["epochs_run"] == 1

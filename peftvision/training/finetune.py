@@ -68,6 +68,7 @@ def finetune(
         raise PeftVisionError(f"{output} already holds a finished run; choose another --output")  # e.g. a probe: no checkpoint/
 
     reset_peak_memory()
+    _release_precision(cfg.mixed_precision)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, log_with=report_to or None,
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(log_dir(output))),
@@ -82,6 +83,18 @@ def finetune(
         return _run(cfg, accelerator, output, resume, on_epoch_end)
     finally:
         accelerator.end_training()  # flush and close the trackers, also after an error or Ctrl-C
+
+
+def _release_precision(mixed_precision: str) -> None:
+    """accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another
+    mixed precision ("restart your runtime"): a script, notebook or benchmark that runs fp32 and then bf16
+    in one process would die there. The precision is per run, so a state left by an earlier run with
+    another precision is dropped (the process group, PartialState, is kept)."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision", mixed_precision)) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _run(
