@@ -250,7 +250,7 @@ def plot(results: list[dict[str, Any]], path: Path, runs: list[str]) -> None:
                 es.append(s)
         ax.errorbar(xs, ys, yerr=es, fmt="s--" if run.startswith("plain-") else "o-", capsize=2, label=run, alpha=0.85)
     ax.set_xticks(range(len(regimes)), regimes, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("test top-1 (%), mean ± std over 3 seeds")
+    ax.set_ylabel("test top-1 (%), mean ± std over seeds (see the table)")
     ax.set_title(f"{MODEL} (real) on real photos: regimes of size and layout")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
