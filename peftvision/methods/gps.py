@@ -32,9 +32,9 @@ from torch import nn
 
 from ..backbones.backbone import Backbone, BlockInfo
 from ..errors import ConfigError
+from ._linears import linear_sites, parse_targets
 from ._registry import Method, PeftModule, register_method
 
-TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 LOSSES = ("supcon", "ce")
 
 
@@ -48,11 +48,7 @@ class GPSConfig:
     batches: int = 0  # training batches the gradient is accumulated over; 0 = one whole pass (the paper)
 
     def __post_init__(self) -> None:
-        if isinstance(self.targets, str):
-            self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
-        self.targets = tuple(self.targets)
-        if not self.targets or any(t not in TARGETS for t in self.targets) or len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"targets must be distinct names among {', '.join(TARGETS)}; got {self.targets}")
+        self.targets = parse_targets(self.targets)
         if int(self.k) != self.k or self.k < 1:
             raise ValueError(f"k must be a positive integer, got {self.k}")
         if self.loss not in LOSSES:
@@ -170,7 +166,7 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
 
 
 def _sites(model: nn.Module, backbone: Backbone, config: GPSConfig) -> list[tuple[BlockInfo, str, nn.Linear]]:
-    return [(b, TARGETS[t], backbone.linear(model, b, TARGETS[t])) for b in backbone.blocks for t in config.targets]
+    return linear_sites(model, backbone, config.targets)
 
 
 @register_method

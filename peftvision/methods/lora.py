@@ -37,11 +37,12 @@ from torch import nn
 from ..backbones.backbone import Backbone, BlockInfo
 from ..errors import ConfigError
 from ._parts import LowRank, Part
+from ._linears import LINEARS
 from ._registry import Method, PeftModule, register_method
 
 QKV_SLICES = ("q", "k", "v")
 # targets that are a whole Linear; "qkv" is HF PEFT's choice: one rank-r LoRA over the fused layer
-EXTRA_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+EXTRA_TARGETS = LINEARS
 
 
 @dataclass

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from ..backbones.backbone import Backbone, BlockInfo
+from ._linears import linear_sites, parse_targets
 from ._registry import Method, PeftModule, register_method
 
-TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 
 
 @dataclass
@@ -38,11 +38,7 @@ class OFTConfig:
     targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")  # every Linear of the block
 
     def __post_init__(self) -> None:
-        if isinstance(self.targets, str):
-            self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
-        self.targets = tuple(self.targets)
-        if not self.targets or any(t not in TARGETS for t in self.targets) or len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"targets must be distinct names among {', '.join(TARGETS)}; got {self.targets}")
+        self.targets = parse_targets(self.targets)
         if int(self.block_size) != self.block_size or self.block_size < 2:
             raise ValueError(f"block_size must be an integer of at least 2, got {self.block_size}")
 
@@ -116,7 +112,7 @@ class OFTLinear(PeftModule):
 
 
 def _sites(model: nn.Module, backbone: Backbone, config: OFTConfig) -> list[tuple[BlockInfo, str, nn.Linear]]:
-    return [(b, TARGETS[t], backbone.linear(model, b, TARGETS[t])) for b in backbone.blocks for t in config.targets]
+    return linear_sites(model, backbone, config.targets)
 
 
 @register_method

@@ -24,9 +24,9 @@ from torch import nn
 from ..backbones.backbone import Backbone, BlockInfo
 from ..errors import UnsupportedModelError
 from ._parts import Bias, LowRank, Part
+from ._linears import LINEARS, parse_targets
 from ._registry import Method, PeftModule, register_method
 
-TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 
 
 @dataclass
@@ -38,11 +38,7 @@ class RepAdapterConfig:
     targets: tuple[str, ...] = ("qkv", "fc1")  # the Linears it precedes: before attention and MLP (RepBlock)
 
     def __post_init__(self) -> None:
-        if isinstance(self.targets, str):
-            self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
-        self.targets = tuple(self.targets)
-        if not self.targets or any(t not in TARGETS for t in self.targets) or len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"targets must be distinct names among {', '.join(TARGETS)}; got {self.targets}")
+        self.targets = parse_targets(self.targets)
         for name in ("dim", "groups"):
             value = getattr(self, name)
             if int(value) != value or value < 1:
@@ -106,13 +102,13 @@ def _sites(model: nn.Module, backbone: Backbone, config: RepAdapterConfig) -> li
     for block in backbone.blocks:
         attn = backbone.block_module(model, block, "attn")
         for t in config.targets:
-            linear = backbone.linear(model, block, TARGETS[t])
+            linear = backbone.linear(model, block, LINEARS[t])
             if linear.bias is None or (t == "qkv" and getattr(attn, "q_bias", None) is not None):
                 raise UnsupportedModelError(
-                    f"{backbone.architecture}: `{block.name}.{TARGETS[t]}` has no bias of its own to fold "
+                    f"{backbone.architecture}: `{block.name}.{LINEARS[t]}` has no bias of its own to fold "
                     f"rep-adapter into (its attention adds q/v biases itself); choose targets without {t}"
                 )
-            sites.append((block, TARGETS[t], linear))
+            sites.append((block, LINEARS[t], linear))
     return sites
 
 
