@@ -146,6 +146,12 @@ def _run(
     head_init = cfg.head_init if cfg.head_init != "auto" else ("probe" if probe_first else "random")
     probe: dict[str, Any] = {"init": head_init}
     features: dict[str, Any] = {}
+    # the method's data-aware step (a no-op for most; a resumed run has it in its checkpoint). A method
+    # that changes the base's outputs from the start (prompts) prepares first, so the probe sees the
+    # features training starts from; one that leaves them unchanged (GPS) prepares with the probe's head.
+    prepare_first = not get_method(cfg.method).identity_at_init
+    if prepare_first and not resume:
+        log("prepare", seconds=_prepare(model, loaders.train, accelerator))
     if head_init == "probe" and not resume:
         # base features are the model's own where the method leaves the base unchanged at init: cacheable
         cache = cfg.feature_cache == "disk" and (head_only or get_method(cfg.method).identity_at_init)
@@ -155,7 +161,7 @@ def _run(
     if head_only and head_init == "probe":  # a convex problem solved: there is nothing left to train
         return _finish(cfg, accelerator, output, task, model, loaders, selection, splits, report, probe,
                        _probe_loop(model, task, accelerator, output, probe, features), log, features)
-    if not resume:  # the method's data-aware step (a no-op for most); a resumed run has it in its checkpoint
+    if not prepare_first and not resume:
         log("prepare", seconds=_prepare(model, loaders.train, accelerator))
 
     # ---- train, keeping the best adapter on disk as it happens
@@ -256,7 +262,9 @@ def _finish(cfg: TrainConfig, accelerator: Any, output: Path, task: Any, model: 
 
 def _prepare(model: Any, loader: Any, accelerator: Any) -> float:
     """`Method.prepare` on the training batches, once before training; every process keeps the main
-    process's result (its state tensors), so DDP replicas agree. Returns the seconds it took."""
+    process's result (its state tensors and trainable parameters), so DDP replicas agree. Returns the
+    seconds it took."""
+    import torch
     from accelerate.utils import broadcast
 
     from ..methods.inject import prepare, state_tensors
@@ -268,8 +276,9 @@ def _prepare(model: Any, loader: Any, accelerator: Any) -> float:
     t0 = time.perf_counter()
     prepare(model.to(accelerator.device), batches())
     if accelerator.num_processes > 1:
-        for tensor in state_tensors(model).values():
-            tensor.copy_(broadcast(tensor.contiguous(), from_process=0))
+        with torch.no_grad():
+            for tensor in [*state_tensors(model).values(), *(p for p in model.parameters() if p.requires_grad)]:
+                tensor.copy_(broadcast(tensor.contiguous(), from_process=0))
     return time.perf_counter() - t0
 
 
