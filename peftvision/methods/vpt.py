@@ -46,7 +46,7 @@ class VPTConfig:
     # the prompts' start. xavier: VPT's uniform noise. prototypes: k-means centres of each layer's patch
     # tokens on the training images (SPT, Wang et al., ICML 2024), so a prompt starts as a token the layer
     # already knows. Measured on real photos (benchmarks/RESULTS.md): prototypes +7 points on 60 photos,
-    # 1-4.5 points lower from 250 up (token-sized prompts barely move at VPT's lr), so not the default
+    # 3-4.5 points lower from 250 up (token-sized prompts barely move at VPT's lr), so not the default
     init: str = "xavier"
 
     def __post_init__(self) -> None:
