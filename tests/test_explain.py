@@ -128,9 +128,13 @@ def test_hooks_leave_outputs_bitwise_unchanged_and_flags_restored():
     assert torch.equal(model(x), y)
 
 
+@pytest.mark.parametrize("gate", [False, True])
 @pytest.mark.parametrize("method", ["vpt-shallow", "vpt-deep"])
-def test_prompts_are_part_of_the_attention_but_not_of_the_map(method):
-    model = adapted("vit", method, num_tokens=3)
+def test_prompts_are_part_of_the_attention_but_not_of_the_map(method, gate):
+    model = adapted("vit", method, num_tokens=3, gate=gate)
+    if gate:  # open gates: the maps are what the values are mixed by, [own softmax | gate x prompt softmax]
+        with torch.no_grad():
+            model.vpt.gates.abs_()
     x = make_input("vit")
     maps = attention_maps(model, x)
     layout = token_layout(model, x)

@@ -70,7 +70,8 @@ def test_forward_backward_and_init_identity(family, method, opts):
     with torch.no_grad():
         y1 = model(x)
     assert y1.shape == (2, 5)
-    if not get_method(method).identity_at_init:
+    config = build_config(method, opts)
+    if not get_method(method).starts_as_base(config):
         assert not torch.allclose(y0, y1, atol=1e-4), "the method says it changes what the model computes"
     else:  # zero-initialised (LoRA B = 0, adapter up = 0) or no new modules at all
         torch.testing.assert_close(y1, y0, rtol=0, atol=1e-6)
@@ -82,7 +83,7 @@ def test_forward_backward_and_init_identity(family, method, opts):
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
     # what sits before a zero-initialised factor (LoRA's A while B = 0, as in the paper) gets no gradient
     # yet; every other trainable tensor does
-    silent = get_method(method).silent_at_init
+    silent = get_method(method).silent_parameters(config)
     nonzero = {n for n, g in grads.items() if g.abs().sum() > 0}
     assert nonzero >= {n for n in grads if not any(s in n for s in silent)}
 
@@ -119,8 +120,22 @@ def test_frozen_backbone_stays_in_eval(family, method):
     assert not any(m.training for m in model.modules())
 
 
-def _vit_reference(model: nn.Module, x: torch.Tensor, prompts: torch.Tensor, deep: bool) -> torch.Tensor:
-    """VPT on a ViT written out by hand from timm's own pieces, hooks removed."""
+def _gated_attention_reference(attn: nn.Module, x: torch.Tensor, prompts: slice, gate: torch.Tensor) -> torch.Tensor:
+    """Zero-init gated attention by hand: softmax over the own keys + gate x softmax over the prompt keys.
+    x (B, L, D) is the normed sequence, `prompts` the prompts' positions in it, gate (heads,)."""
+    b, n, _ = x.shape
+    q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, heads, L, L)
+    extra = torch.zeros(n, dtype=torch.bool)
+    extra[prompts] = True
+    out = logits[..., ~extra].softmax(-1) @ v[:, :, ~extra] + gate.view(1, -1, 1, 1) * (logits[..., extra].softmax(-1) @ v[:, :, extra])
+    return attn.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def _vit_reference(model: nn.Module, x: torch.Tensor, prompts: torch.Tensor, deep: bool,
+                   gates: torch.Tensor | None = None) -> torch.Tensor:
+    """VPT on a ViT written out by hand from timm's own pieces, hooks removed (gates: (blocks, heads))."""
     npt = model.num_prefix_tokens
     h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
     p = prompts.shape[1]
@@ -129,18 +144,26 @@ def _vit_reference(model: nn.Module, x: torch.Tensor, prompts: torch.Tensor, dee
             h = torch.cat([h[:, :npt], prompts[0].expand(len(x), -1, -1), h[:, npt:]], 1)
         elif deep:
             h = torch.cat([h[:, :npt], prompts[i].expand(len(x), -1, -1), h[:, npt + p:]], 1)
-        h = blk.forward(h)  # .forward, not __call__: bypass peftvision's hooks
+        if gates is None:
+            h = blk.forward(h)  # .forward, not __call__: bypass peftvision's hooks
+        else:  # timm's pre-norm block, with the attention written out
+            h = h + blk.ls1(_gated_attention_reference(blk.attn, blk.norm1(h), slice(npt, npt + p), gates[i]))
+            h = h + blk.ls2(blk.mlp(blk.norm2(h)))
     h = torch.cat([h[:, :npt], h[:, npt + p:]], 1)
     return model.forward_head(model.norm(h))
 
 
+@pytest.mark.parametrize("gate", [False, True])
 @pytest.mark.parametrize("kind", ["vit", "vit-map"])
 @pytest.mark.parametrize("method", ["vpt-shallow", "vpt-deep"])
-def test_vpt_vit_matches_hand_written_reference(kind, method):
-    model = pv.inject(make_model(kind), method, num_tokens=4).eval()
+def test_vpt_vit_matches_hand_written_reference(kind, method, gate):
+    model = pv.inject(make_model(kind), method, num_tokens=4, gate=gate).eval()
     x = make_input(kind)
     with torch.no_grad():
-        expected = _vit_reference(model, x, model.vpt.prompts, deep=method == "vpt-deep")
+        if gate:  # open the gates: zero gates are the base model, tested with every method
+            model.vpt.gates.normal_()
+        expected = _vit_reference(model, x, model.vpt.prompts, deep=method == "vpt-deep",
+                                  gates=model.vpt.gates if gate else None)
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -159,8 +182,9 @@ def test_vpt_vit_head_reads_the_same_tokens_with_registers_and_distillation():
         assert seen[0] == seen[1] == npt + 4, "prompts must be gone before the final norm and head"
 
 
-def _swin_block_reference(block, x, prompts):
-    """One prompted Swin block as the VPT authors' PromptedSwinTransformerBlock computes it.
+def _swin_block_reference(block, x, prompts, gate=None):
+    """One prompted Swin block as the VPT authors' PromptedSwinTransformerBlock computes it; with `gate`
+    (heads,), zero-init gated attention: softmax over the window's tokens + gate x softmax over the prompts.
 
     x: (B, H, W, C); prompts: (B, P, C). Returns (x_out, prompts_out).
     """
@@ -189,7 +213,11 @@ def _swin_block_reference(block, x, prompts):
         mask = torch.zeros(nw, n, n)
         mask[:, p:, p:] = block.attn_mask
         logits = (logits.view(b, nw, attn.num_heads, n, n) + mask[None, :, None]).view(-1, attn.num_heads, n, n)
-    out = (F.softmax(logits, -1) @ v).transpose(1, 2).reshape(b * nw, n, -1)
+    if gate is None:
+        out = F.softmax(logits, -1) @ v
+    else:
+        out = F.softmax(logits[..., p:], -1) @ v[:, :, p:] + gate.view(1, -1, 1, 1) * (F.softmax(logits[..., :p], -1) @ v[:, :, :p])
+    out = out.transpose(1, 2).reshape(b * nw, n, -1)
     out = attn.proj(out)
     p_out = out[:, :p].reshape(b, nw, p, c).mean(1)
     xw = window_reverse(out[:, p:].reshape(-1, *block.window_size, c), block.window_size, hh, ww)
@@ -202,10 +230,13 @@ def _swin_block_reference(block, x, prompts):
     return x, prompts
 
 
-def test_vpt_swin_shallow_matches_the_authors_block_math():
-    model = pv.inject(make_model("swin"), "vpt-shallow", num_tokens=3).eval()
+@pytest.mark.parametrize("gate", [False, True])
+def test_vpt_swin_shallow_matches_the_authors_block_math(gate):
+    model = pv.inject(make_model("swin"), "vpt-shallow", num_tokens=3, gate=gate).eval()
     x = make_input("swin")
     with torch.no_grad():
+        if gate:
+            [g.normal_() for g in model.vpt.gates]
         h = model.patch_embed(x)
         prompts = model.vpt.prompts[0][0].expand(len(x), -1, -1)
         for s, stage in enumerate(model.layers):
@@ -213,30 +244,38 @@ def test_vpt_swin_shallow_matches_the_authors_block_math():
                 ds = stage.downsample
                 prompts = ds.reduction(ds.norm(torch.cat([prompts] * 4, -1)))
                 h = ds(h)
-            for blk in stage.blocks:
-                h, prompts = _swin_block_reference(blk, h, prompts)
+            for j, blk in enumerate(stage.blocks):
+                h, prompts = _swin_block_reference(blk, h, prompts, model.vpt.gates[s][j] if gate else None)
         expected = model.forward_head(model.norm(h))
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_vpt_swin_deep_uses_a_new_prompt_per_block():
-    model = pv.inject(make_model("swin"), "vpt-deep", num_tokens=3).eval()
+@pytest.mark.parametrize("gate", [False, True])
+def test_vpt_swin_deep_uses_a_new_prompt_per_block(gate):
+    model = pv.inject(make_model("swin"), "vpt-deep", num_tokens=3, gate=gate).eval()
     assert [tuple(p.shape) for p in model.vpt.prompts] == [(2, 3, 24), (2, 3, 48), (2, 3, 96)]
     x = make_input("swin")
     with torch.no_grad():
+        if gate:
+            assert [tuple(g.shape) for g in model.vpt.gates] == [(2, blk.attn.num_heads) for blk in (s.blocks[0] for s in model.layers)]
+            [g.normal_() for g in model.vpt.gates]
         h = model.patch_embed(x)
         for s, stage in enumerate(model.layers):
             h = stage.downsample(h)
             for j, blk in enumerate(stage.blocks):
-                h, _ = _swin_block_reference(blk, h, model.vpt.prompts[s][j].expand(len(x), -1, -1))
+                h, _ = _swin_block_reference(blk, h, model.vpt.prompts[s][j].expand(len(x), -1, -1),
+                                             model.vpt.gates[s][j] if gate else None)
         expected = model.forward_head(model.norm(h))
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_vpt_swin_prompts_do_not_mix_images_in_a_batch():
-    model = pv.inject(make_model("swin"), "vpt-shallow", num_tokens=3).eval()
+@pytest.mark.parametrize("gate", [False, True])
+def test_vpt_swin_prompts_do_not_mix_images_in_a_batch(gate):
+    model = pv.inject(make_model("swin"), "vpt-shallow", num_tokens=3, gate=gate).eval()
     x = make_input("swin", batch=3)
     with torch.no_grad():
+        if gate:
+            [g.normal_() for g in model.vpt.gates]
         together = model(x)
         alone = torch.cat([model(x[i:i + 1]) for i in range(3)])
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)

@@ -39,13 +39,17 @@ def test_kmeans_with_fewer_points_than_centres_repeats_the_points():
     assert found.shape == (5, 3) and all(any(torch.equal(row, p) for p in points) for row in found)
 
 
+@pytest.mark.parametrize("gate", [False, True])
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", PROMPTED)
-def test_prompts_switched_off_compute_the_base_model(family, method):
+def test_prompts_switched_off_compute_the_base_model(family, method, gate):
     base = make_model(family).eval()
-    model = pv.inject(copy.deepcopy(base), method, num_tokens=3).eval()
+    model = pv.inject(copy.deepcopy(base), method, num_tokens=3, gate=gate).eval()
     x = make_input(family)
     with torch.no_grad():
+        if gate:  # zero gates compute the base model too (the registry's identity test): open them
+            for g in model.vpt.gates if isinstance(model.vpt.gates, torch.nn.ParameterList) else [model.vpt.gates]:
+                g.normal_()
         assert not torch.allclose(model(x), base(x)), "prompts change the output when on"
         model.vpt.off = True
         torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
@@ -109,8 +113,10 @@ def test_prototypes_without_training_images_say_so():
         pv.inject(make_model("vit"), "vpt-deep", init="zeros")
 
 
-def test_finetune_starts_the_prompts_before_fitting_the_probe(tmp_path, backbone_checkpoint, monkeypatch):
-    """The probe must be fitted on the features training starts from: prompts prepared first."""
+@pytest.mark.parametrize("gate", [False, True])
+def test_finetune_starts_the_prompts_before_fitting_the_probe(tmp_path, backbone_checkpoint, monkeypatch, gate):
+    """The probe must be fitted on the features training starts from: ungated prompts are prepared first;
+    gated ones start closed (the base's features), so the probe comes first and may use cached features."""
     from peftvision.training import probe as probe_module
     from peftvision.training.config import TrainConfig
     from peftvision.training.finetune import finetune
@@ -129,7 +135,7 @@ def test_finetune_starts_the_prompts_before_fitting_the_probe(tmp_path, backbone
     monkeypatch.setattr(vpt_module._VPT, "prepare", recording_prepare)
     monkeypatch.setattr(probe_module, "probe_head", recording_probe)
     config = TrainConfig(method="vpt-deep", model="pv_vit_tiny_32", checkpoint=backbone_checkpoint, epochs=1,
-                         batch_size=100, num_workers=0, quiet=True, max_test=100, options={"init": "prototypes"},
+                         batch_size=100, num_workers=0, quiet=True, max_test=100, options={"init": "prototypes", "gate": gate},
                          output=str(tmp_path / "run"))
     finetune(config)
-    assert order == ["prepare", "probe"]
+    assert order == (["probe", "prepare"] if gate else ["prepare", "probe"])

@@ -207,11 +207,11 @@ def _results(metrics: dict[str, Any]) -> list[str]:
 
 
 def _usage(config: dict[str, Any]) -> list[str]:
-    from ..methods import build_config, get_method
+    from ..methods import build_config, get_method, saved_options
 
     model, name = config["model"], config["method"]
     method = get_method(name)
-    options = build_config(method, config["method_config"])
+    options = build_config(method, saved_options(name, config["method_config"]))
     source = f"hf:{REPO_PLACEHOLDER}"
     arch = model["name"].split(".")[0]
     kwargs = "".join(f", {k}={v!r}" for k, v in (model.get("kwargs") or {}).items())

@@ -27,7 +27,7 @@ from ..backbones.backbone import (
 )
 from ..errors import AdapterFileError, ConfigError, PeftVisionError
 from ..files import save_tensors
-from ..methods import config_to_dict, get_method
+from ..methods import config_to_dict, get_method, saved_options
 from ..methods.freeze import (
     PeftState,
     get_state,
@@ -145,7 +145,7 @@ def load_adapter(
                 f"the base weights differ from those the adapter in {directory} was trained on "
                 f"({info.get('name')}); load the same checkpoint, or pass ignore_fingerprint=True / --ignore-fingerprint"
             )
-    inject(model, config["method"], **config["method_config"])
+    inject(model, config["method"], **saved_options(config["method"], config["method_config"]))
     state = require_state(model)
     _copy_tensors(model, state, tensors, directory)
     names = info.get("class_names")

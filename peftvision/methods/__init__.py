@@ -15,6 +15,7 @@ from ._registry import (
     get_method,
     list_methods,
     register_method,
+    saved_options,
 )
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
@@ -29,4 +30,5 @@ __all__ = [
     "get_method",
     "list_methods",
     "register_method",
+    "saved_options",
 ]

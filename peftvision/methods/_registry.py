@@ -75,11 +75,23 @@ class Method:
     # factor follows them (LoRA's A before B = 0); the tests hold every other trainable tensor to a gradient
     silent_at_init: ClassVar[tuple[str, ...]] = ()
     examples: ClassVar[tuple[Mapping[str, Any], ...]] = ()  # option sets the tests run besides the defaults
+    # the value an option takes in a saved config that lacks it (written before the option existed),
+    # where that differs from today's default: old adapter files keep meaning what they meant
+    saved_defaults: ClassVar[Mapping[str, Any]] = {}
 
     def expected_params(self, model: nn.Module, backbone: Backbone, config: Any) -> int:
         """Closed-form count of the parameters the method trains besides the head, read off the plain
         base model (before `inject`); the tests hold `inject` to it."""
         raise NotImplementedError(f"{self.name} declares no closed-form parameter count")
+
+    def starts_as_base(self, config: Any) -> bool:
+        """True if the injected model computes exactly what the base did until the first step: its
+        features are the base's (cacheable, probe-able before `prepare`). Default: `identity_at_init`."""
+        return self.identity_at_init
+
+    def silent_parameters(self, config: Any) -> tuple[str, ...]:
+        """`silent_at_init` for this config (a zero gate silences what it gates)."""
+        return self.silent_at_init
 
     def inject(self, model: nn.Module, backbone: Backbone, config: Any) -> None:
         """Add the method's modules to `model` in place. Outputs must stay unchanged where the method
@@ -187,6 +199,11 @@ def build_config(method: str | Method, options: dict[str, Any] | None = None) ->
         return m.config_cls(**options)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{m.name}: {e}") from None
+
+
+def saved_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A saved config's options, with what the method's `saved_defaults` says for keys the file lacks."""
+    return {**get_method(method).saved_defaults, **options}
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ Any change to what the features depend on changes the key: the base weights' fin
 architecture and its kwargs, the resolved preprocessing (size, mean, std, interpolation, crop), and
 the source's files (path, size and modification time of every one; a .npy's; an hf: dataset's own
 fingerprint). Only models whose injected method leaves the base's output unchanged at init
-(`identity_at_init`) can use base features; others are computed live. The cache lives under
+(`Method.starts_as_base`) can use base features; others are computed live. The cache lives under
 `$PEFTVISION_CACHE/features/` (default ~/.cache/peftvision), at most `$PEFTVISION_FEATURE_CACHE_GB`
 (default 4) GB: the least recently used entries go first.
 """

@@ -149,12 +149,12 @@ def _run(
     # the method's data-aware step (a no-op for most; a resumed run has it in its checkpoint). A method
     # that changes the base's outputs from the start (prompts) prepares first, so the probe sees the
     # features training starts from; one that leaves them unchanged (GPS) prepares with the probe's head.
-    prepare_first = not get_method(cfg.method).identity_at_init
+    prepare_first = not get_method(cfg.method).starts_as_base(state.config)
     if prepare_first and not resume:
         log("prepare", seconds=_prepare(model, loaders.train, accelerator))
     if head_init == "probe" and not resume:
         # base features are the model's own where the method leaves the base unchanged at init: cacheable
-        cache = cfg.feature_cache == "disk" and (head_only or get_method(cfg.method).identity_at_init)
+        cache = cfg.feature_cache == "disk" and (head_only or get_method(cfg.method).starts_as_base(state.config))
         probe.update(probe_head(model, task, cfg, resize, accelerator, cache, with_test=head_only))
         features = probe.pop("features")
         log("probe", **probe)
