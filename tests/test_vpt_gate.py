@@ -85,3 +85,4 @@ def test_gated_prompts_refuse_an_attention_they_cannot_gate():
         block.attn.qkv = torch.nn.Identity()
     with pytest.raises(UnsupportedModelError, match="gate=false"):
         pv.inject(model, "vpt-deep")
+    assert not any(b._forward_pre_hooks or b._forward_hooks for b in model.blocks), "refused: no hook left behind"

@@ -142,7 +142,7 @@ def _gated_vit_attention(attn: nn.Module, x: torch.Tensor, attn_mask: torch.Tens
     q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     own = torch.cat([torch.arange(s), torch.arange(s + p, n)]).to(x.device)
-    out = _gated_attention(q, k, v, own, slice(s, s + p), prompts.gate(owner.layer, b), None, attn,
+    out = _gated_attention(q, k, v, own, slice(s, s + p), prompts.gate(owner.layer), None, attn,
                            fused=getattr(attn, "fused_attn", True))
     out = out.transpose(1, 2).reshape(b, n, -1)
     out = getattr(attn, "norm", nn.Identity())(out)
@@ -183,7 +183,7 @@ class ViTPrompts(PeftModule):
             routed.gate_bank = torch.stack([m.gates.detach() for m in members])
         return routed
 
-    def gate(self, layer: int, batch: int) -> torch.Tensor:
+    def gate(self, layer: int) -> torch.Tensor:
         """(B or 1, heads, 1, 1): block `layer`'s weight on each head's attention over the prompts."""
         g = self.gate_bank[self.rows, layer] if self.rows is not None else self.gates[layer].unsqueeze(0)
         return g[:, :, None, None]
@@ -220,6 +220,9 @@ class ViTPrompts(PeftModule):
     def attach(self, model: nn.Module, backbone: Backbone) -> Callable[[], None]:
         """Hook the prompts into `model`'s blocks; the returned callable unhooks them."""
         blocks = [model.get_submodule(b.name) for b in backbone.blocks]
+        if self.gates is not None:  # before any hook goes in: a refused model is left as it was
+            for info, block in zip(backbone.blocks, blocks):
+                _check_gateable(block.attn, backbone.architecture, f"{info.name}.attn")
         handles = [blocks[0].register_forward_pre_hook(self.insert, with_kwargs=True)]
         if self.deep:
             for i, block in enumerate(blocks[1:], start=1):
@@ -227,8 +230,7 @@ class ViTPrompts(PeftModule):
         handles.append(blocks[-1].register_forward_hook(self.remove))
         gated: list[nn.Module] = []
         if self.gates is not None:
-            for i, (info, block) in enumerate(zip(backbone.blocks, blocks)):
-                _check_gateable(block.attn, backbone.architecture, f"{info.name}.attn")
+            for i, block in enumerate(blocks):
                 block.attn._vpt_owner = _Owner(self, i)
                 block.attn.forward = types.MethodType(_gated_vit_attention, block.attn)
                 gated.append(block.attn)
