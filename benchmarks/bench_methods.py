@@ -44,6 +44,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lora-plus": ("lora", {"lr_ratio": 16.0}),
     "lora-pissa": ("lora", {"init": "pissa"}),
     "peft-lora": ("peft", {}),
+    # the published, ungated VPT (the default is gated: two softmaxes per attention, issue 24)
+    "vpt-deep-ungated": ("vpt-deep", {"gate": False}),
+    "vpt-shallow-ungated": ("vpt-shallow", {"gate": False}),
 }
 
 

@@ -8,7 +8,7 @@ stack, so the cost does not grow with the number of distinct adapters in a batch
 runs over adapters.
 
 Samples are grouped only where the computation differs in shape (a part's `route`): adapters with
-prompts run a pass per prompt group (same kind and token count), an adapter with a model of its own
+prompts run a pass per prompt group (same kind, token count and gating), an adapter with a model of its own
 (full fine-tuning) runs that model. Everything else -- LoRA, bottleneck adapters, BitFit, linear
 heads, the plain base -- shares one pass. The base's modules are never replaced: the hooks act only
 inside this class's forward, so `model.base(x)` is the plain timm model.
