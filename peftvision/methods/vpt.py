@@ -103,10 +103,10 @@ def _gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, own: tor
     over the prompt keys alone (`extra`); q, k, v and the result are (B, heads, L, d). Unfused (timm's
     `fused_attn` off, as `explain` sets it), the mixing matrix [own softmax | gate x prompt softmax] goes
     through `attn_drop` like timm's attention matrix, so attention maps see what the values are mixed by."""
-    drop = attn.attn_drop.p if attn.training else 0.0
-    k_own, v_own = k.index_select(2, own), v.index_select(2, own)
     if fused:
-        out = F.scaled_dot_product_attention(q, k_own, v_own, attn_mask=bias, dropout_p=drop, scale=attn.scale)
+        drop = attn.attn_drop.p if attn.training else 0.0
+        out = F.scaled_dot_product_attention(q, k.index_select(2, own), v.index_select(2, own), attn_mask=bias,
+                                             dropout_p=drop, scale=attn.scale)
         return out + gate * F.scaled_dot_product_attention(q, k[:, :, extra], v[:, :, extra], dropout_p=drop, scale=attn.scale)
     logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, heads, L, L)
     own_logits = logits.index_select(3, own)
@@ -141,7 +141,7 @@ def _gated_vit_attention(attn: nn.Module, x: torch.Tensor, attn_mask: torch.Tens
     s, p = prompts.npt, prompts.prompts.shape[1]
     q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    own = torch.cat([torch.arange(s), torch.arange(s + p, n)]).to(x.device)
+    own = torch.cat([torch.arange(s, device=x.device), torch.arange(s + p, n, device=x.device)])
     out = _gated_attention(q, k, v, own, slice(s, s + p), prompts.gate(owner.layer), None, attn,
                            fused=getattr(attn, "fused_attn", True))
     out = out.transpose(1, 2).reshape(b, n, -1)
