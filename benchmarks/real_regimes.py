@@ -2,7 +2,7 @@
 
     python benchmarks/real_regimes.py [--regimes all|NAME,...] [--runs lora,plain-lora,...] [--seeds 0,1,2]
         [--epochs 5] [--batch-size 32] [--curves] [--output FILE.json]
-    python benchmarks/real_regimes.py --summary [--output FILE] [--also FILE ...] [--runs ...] [--plot PNG]
+    python benchmarks/real_regimes.py --summary [--output FILE] [--also FILE ...] [--regimes ...] [--runs ...] [--plot PNG]
 
 The real ViT-Tiny/16 and the 1,000 real photos of ../shared (four coarse classes: dog 118, bird 59,
 other_animal 221, object 602) are cut into regimes: a task (which classes, balanced or not), a number
@@ -284,6 +284,8 @@ def main() -> int:
     if args.summary:
         for extra in args.also:
             results += json.loads(extra.read_text())["runs"]
+        if args.regimes != "all":
+            results = [x for x in results if x["regime"] in args.regimes.split(",")]
         print(table(results, [r for r in runs if any(x["run"] == r for x in results)] or None))
         if args.plot:
             plot(results, args.plot, [r for r in runs if any(x["run"] == r for x in results)])

@@ -154,11 +154,14 @@ def _vit_reference(model: nn.Module, x: torch.Tensor, prompts: torch.Tensor, dee
 
 
 @pytest.mark.parametrize("gate", [False, True])
-@pytest.mark.parametrize("kind", ["vit", "vit-map"])
+@pytest.mark.parametrize("kind", ["vit", "vit-map", "vit-gap"])
 @pytest.mark.parametrize("method", ["vpt-shallow", "vpt-deep"])
 def test_vpt_vit_matches_hand_written_reference(kind, method, gate):
-    model = pv.inject(make_model(kind), method, num_tokens=4, gate=gate).eval()
-    x = make_input(kind)
+    # vit-gap: no class token, average pooling -- no prefix tokens, the prompts lead the sequence
+    base = make_model("vit", class_token=False, global_pool="avg") if kind == "vit-gap" else make_model(kind)
+    assert base.num_prefix_tokens == (0 if kind == "vit-gap" else 1)
+    model = pv.inject(base, method, num_tokens=4, gate=gate).eval()
+    x = make_input("vit" if kind == "vit-gap" else kind)
     with torch.no_grad():
         if gate:  # open the gates: zero gates are the base model, tested with every method
             model.vpt.gates.normal_()

@@ -97,23 +97,39 @@ class _Owner:
         self.prompts, self.layer = prompts, layer
 
 
-def _gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, own: torch.Tensor, extra: slice,
+def _own_positions(prefix: int, prompts: int, length: int, device: torch.device) -> torch.Tensor | slice:
+    """The sequence's own token positions around the prompt slots [prefix, prefix + prompts): a slice (a view,
+    no copy) when they are contiguous, else an index tensor."""
+    if prefix == 0:
+        return slice(prompts, length)
+    return torch.cat([torch.arange(prefix, device=device), torch.arange(prefix + prompts, length, device=device)])
+
+
+def _take(t: torch.Tensor, dim: int, at: torch.Tensor | slice) -> torch.Tensor:
+    return t.index_select(dim, at) if isinstance(at, torch.Tensor) else t[(slice(None),) * dim + (at,)]
+
+
+def _gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, own: torch.Tensor | slice, extra: slice,
                      gate: torch.Tensor, bias: torch.Tensor | None, attn: nn.Module, fused: bool = True) -> torch.Tensor:
-    """softmax over the sequence's own keys (index tensor `own`, additive `bias` for them) + gate x softmax
-    over the prompt keys alone (`extra`); q, k, v and the result are (B, heads, L, d). Unfused (timm's
-    `fused_attn` off, as `explain` sets it), the mixing matrix [own softmax | gate x prompt softmax] goes
-    through `attn_drop` like timm's attention matrix, so attention maps see what the values are mixed by."""
+    """softmax over the sequence's own keys (`own`: positions, or a slice when contiguous; additive `bias`
+    for them) + gate x softmax over the prompt keys alone (`extra`); q, k, v and the result are
+    (B, heads, L, d). Unfused (timm's `fused_attn` off, as `explain` sets it), the mixing matrix [own
+    softmax | gate x prompt softmax] goes through `attn_drop` like timm's attention matrix, so attention
+    maps see what the values are mixed by."""
     if fused:
         drop = attn.attn_drop.p if attn.training else 0.0
-        out = F.scaled_dot_product_attention(q, k.index_select(2, own), v.index_select(2, own), attn_mask=bias,
+        out = F.scaled_dot_product_attention(q, _take(k, 2, own), _take(v, 2, own), attn_mask=bias,
                                              dropout_p=drop, scale=attn.scale)
         return out + gate * F.scaled_dot_product_attention(q, k[:, :, extra], v[:, :, extra], dropout_p=drop, scale=attn.scale)
     logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, heads, L, L)
-    own_logits = logits.index_select(3, own)
+    own_logits = _take(logits, 3, own)
     if bias is not None:
         own_logits = own_logits + bias
     mix = torch.zeros_like(logits)
-    mix = mix.index_copy(3, own, own_logits.softmax(-1))
+    if isinstance(own, torch.Tensor):
+        mix = mix.index_copy(3, own, own_logits.softmax(-1))
+    else:
+        mix[..., own] = own_logits.softmax(-1)
     mix[..., extra] = gate * logits[..., extra].softmax(-1)
     return attn.attn_drop(mix) @ v
 
@@ -141,8 +157,7 @@ def _gated_vit_attention(attn: nn.Module, x: torch.Tensor, attn_mask: torch.Tens
     s, p = prompts.npt, prompts.prompts.shape[1]
     q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    own = torch.cat([torch.arange(s, device=x.device), torch.arange(s + p, n, device=x.device)])
-    out = _gated_attention(q, k, v, own, slice(s, s + p), prompts.gate(owner.layer), None, attn,
+    out = _gated_attention(q, k, v, _own_positions(s, p, n, x.device), slice(s, s + p), prompts.gate(owner.layer), None, attn,
                            fused=getattr(attn, "fused_attn", True))
     out = out.transpose(1, 2).reshape(b, n, -1)
     out = getattr(attn, "norm", nn.Identity())(out)
@@ -273,7 +288,7 @@ def _prompted_window_attention(attn: nn.Module, x: torch.Tensor, mask: torch.Ten
         bias = bias.reshape(bw, attn.num_heads, p + n, p + n)
     if carry.gate is not None:  # image keys as timm has them, plus the gated prompts (same gate in every window)
         gate = carry.gate.repeat_interleave(num_windows, dim=0) if carry.gate.shape[0] > 1 else carry.gate
-        out = _gated_attention(q, k, v, torch.arange(p, p + n, device=x.device), slice(0, p), gate,
+        out = _gated_attention(q, k, v, _own_positions(0, p, p + n, x.device), slice(0, p), gate,
                                bias[..., p:].to(q.dtype), attn)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
