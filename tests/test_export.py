@@ -238,6 +238,21 @@ def test_damaged_weights_file_is_refused_without_unpickling(tmp_path, base_check
     assert not (tmp_path / "unpickled").exists()
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_an_adapter_file_with_non_finite_values_is_refused(tmp_path, base_checkpoint, value):
+    from safetensors.torch import load_file, save_file
+
+    model = trained("vit", "lora", base_checkpoint("vit"))
+    pv.save_adapter(model, tmp_path)
+    weights = tmp_path / "adapter.safetensors"
+    tensors = load_file(weights)
+    name = next(n for n in tensors if "lora" in n)
+    tensors[name].view(-1)[3] = value
+    save_file(tensors, weights)
+    with pytest.raises(AdapterFileError, match=f"tensor {name} holds NaN or infinite values; the file is damaged"):
+        pv.load_adapter(tmp_path, model=make_model("vit"))
+
+
 class _Boom:
     """Pickles to a call that creates a file: proof of unpickling if that file ever appears."""
 

@@ -57,5 +57,13 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a local adapter directory (a truncated or non-safetensors file is one clear error)."""
-    return load_tensors(Path(directory) / WEIGHTS_NAME)
+    """The tensors of a local adapter directory (a truncated or non-safetensors file is one clear error).
+    A NaN or infinite entry is refused too: training never saves one (a non-finite loss stops the run
+    first), so such a file is damaged, and loaded it would only serve NaN probabilities."""
+    path = Path(directory) / WEIGHTS_NAME
+    tensors = load_tensors(path)
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise AdapterFileError(f"{path}: tensor {name} holds NaN or infinite values; the file is damaged, "
+                                   f"re-copy or re-train the adapter")
+    return tensors
