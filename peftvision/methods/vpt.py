@@ -157,8 +157,8 @@ def _gated_vit_attention(attn: nn.Module, x: torch.Tensor, attn_mask: torch.Tens
     s, p = prompts.npt, prompts.prompts.shape[1]
     q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    out = _gated_attention(q, k, v, _own_positions(s, p, n, x.device), slice(s, s + p), prompts.gate(owner.layer), None, attn,
-                           fused=getattr(attn, "fused_attn", True))
+    out = _gated_attention(q, k, v, _own_positions(s, p, n, x.device), slice(s, s + p), prompts.gate(owner.layer),
+                           None, attn, fused=getattr(attn, "fused_attn", True))
     out = out.transpose(1, 2).reshape(b, n, -1)
     out = getattr(attn, "norm", nn.Identity())(out)
     if getattr(attn, "gate", None) is not None:  # timm's own output gate (gated attention variants)
