@@ -105,31 +105,24 @@ def _own_positions(prefix: int, prompts: int, length: int, device: torch.device)
     return torch.cat([torch.arange(prefix, device=device), torch.arange(prefix + prompts, length, device=device)])
 
 
-def _take(t: torch.Tensor, dim: int, at: torch.Tensor | slice) -> torch.Tensor:
-    return t.index_select(dim, at) if isinstance(at, torch.Tensor) else t[(slice(None),) * dim + (at,)]
-
-
 def _gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, own: torch.Tensor | slice, extra: slice,
                      gate: torch.Tensor, bias: torch.Tensor | None, attn: nn.Module, fused: bool = True) -> torch.Tensor:
-    """softmax over the sequence's own keys (`own`: positions, or a slice when contiguous; additive `bias`
-    for them) + gate x softmax over the prompt keys alone (`extra`); q, k, v and the result are
-    (B, heads, L, d). Unfused (timm's `fused_attn` off, as `explain` sets it), the mixing matrix [own
+    """softmax over the sequence's own keys (`own`: positions, or a slice when contiguous, which indexes as
+    a view; additive `bias` for them) + gate x softmax over the prompt keys alone (`extra`); q, k, v and
+    the result are (B, heads, L, d). Unfused (timm's `fused_attn` off, as `explain` sets it), the mixing matrix [own
     softmax | gate x prompt softmax] goes through `attn_drop` like timm's attention matrix, so attention
     maps see what the values are mixed by."""
     if fused:
         drop = attn.attn_drop.p if attn.training else 0.0
-        out = F.scaled_dot_product_attention(q, _take(k, 2, own), _take(v, 2, own), attn_mask=bias,
+        out = F.scaled_dot_product_attention(q, k[:, :, own], v[:, :, own], attn_mask=bias,
                                              dropout_p=drop, scale=attn.scale)
         return out + gate * F.scaled_dot_product_attention(q, k[:, :, extra], v[:, :, extra], dropout_p=drop, scale=attn.scale)
     logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, heads, L, L)
-    own_logits = _take(logits, 3, own)
+    own_logits = logits[..., own]
     if bias is not None:
         own_logits = own_logits + bias
     mix = torch.zeros_like(logits)
-    if isinstance(own, torch.Tensor):
-        mix = mix.index_copy(3, own, own_logits.softmax(-1))
-    else:
-        mix[..., own] = own_logits.softmax(-1)
+    mix[..., own] = own_logits.softmax(-1)
     mix[..., extra] = gate * logits[..., extra].softmax(-1)
     return attn.attn_drop(mix) @ v
 
