@@ -156,9 +156,11 @@ def print_summary(metrics: dict[str, Any], output: Path) -> None:
 
 def _head_start(head_init: dict[str, Any]) -> str:
     """One line on where the head started: the linear probe (LP-FT) and its fit, or timm's random init."""
+    ratio = head_init.get("lr_ratio", 1.0)
+    trains = "" if ratio == 1 else ("; kept as fitted (head lr 0)" if ratio == 0 else f"; head lr x {ratio:g}")
     if head_init.get("init") != "probe":
-        return "random (timm's init)"
-    return head_init.get("about") or "linear probe on the frozen features"
+        return "random (timm's init)" + trains
+    return (head_init.get("about") or "linear probe on the frozen features") + trains
 
 
 class GracefulInterrupt:

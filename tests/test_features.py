@@ -164,7 +164,7 @@ def test_lp_ft_starts_the_head_from_the_probe(tmp_path, backbone_checkpoint):
     lpft = finetune(_cfg(tmp_path, backbone_checkpoint, data, "lpft", method="lora", head_init="probe", **zero))
     rand = finetune(_cfg(tmp_path, backbone_checkpoint, data, "rand", method="lora", head_init="random", **zero))
     assert lpft["head_init"]["init"] == "probe" and lpft["head_init"]["l2"] == probe["head_init"]["l2"]
-    assert rand["head_init"] == {"init": "random"}
+    assert rand["head_init"] == {"init": "random", "lr_ratio": 1.0}
     a, b, c = (_head(tmp_path / n, backbone_checkpoint) for n in ("probe", "lpft", "rand"))
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert not torch.allclose(a["head.weight"], c["head.weight"], atol=1e-3)
@@ -173,13 +173,35 @@ def test_lp_ft_starts_the_head_from_the_probe(tmp_path, backbone_checkpoint):
     assert any(e["event"] == "probe" for e in log)
 
 
+@pytest.mark.parametrize("method", ["vpt-deep", "lora"])
+def test_head_lr_ratio_keeps_or_trains_the_probe_head(tmp_path, backbone_checkpoint, method):
+    """The method's own head lr after a probe start applies when the run sets none; at 0 the kept head
+    is the probe's exactly, however far the method's own tensors travel; 1 trains it with the rest."""
+    data = tmp_path / "photos"
+    _photos(data)
+    finetune(_cfg(tmp_path, backbone_checkpoint, data, "probe", method="linear"))
+    probe = _head(tmp_path / "probe", backbone_checkpoint)
+    own = finetune(_cfg(tmp_path, backbone_checkpoint, data, "own", method=method, lr=1e-2))
+    assert own["head_init"]["lr_ratio"] == pv.get_method(method).probe_head_lr_ratio
+    kept = finetune(_cfg(tmp_path, backbone_checkpoint, data, "kept", method=method, lr=1e-2, head_lr_ratio=0))
+    trained = finetune(_cfg(tmp_path, backbone_checkpoint, data, "trained", method=method, lr=1e-2, head_lr_ratio=1))
+    assert kept["head_init"]["lr_ratio"] == 0 and trained["head_init"]["lr_ratio"] == 1
+    a, b = _head(tmp_path / "kept", backbone_checkpoint), _head(tmp_path / "trained", backbone_checkpoint)
+    assert all(torch.allclose(probe[k], a[k], atol=1e-6) for k in probe), "the probe's head, kept"
+    assert not torch.allclose(probe["head.weight"], b["head.weight"], atol=1e-4)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # same head, so other logits mean the method's own tensors trained
+        logits = [pv.load_adapter(tmp_path / n, checkpoint=backbone_checkpoint).eval()(x) for n in ("kept", "probe")]
+    assert not torch.allclose(*logits, atol=1e-4), "the method trained while the head stood still"
+
+
 def test_a_linear_run_with_augment_trains_epochs_on_augmented_images(tmp_path, backbone_checkpoint):
     """The probe fits once on un-augmented features, so `--method linear --augment` would silently
     ignore the flag: with augment on, the head trains by SGD through the epochs instead."""
     data = tmp_path / "photos"
     _photos(data)
     run = finetune(_cfg(tmp_path, backbone_checkpoint, data, "aug", method="linear", augment=True, epochs=2))
-    assert run["head_init"] == {"init": "random"} and run["epochs_run"] == 2
+    assert run["head_init"] == {"init": "random", "lr_ratio": 1.0} and run["epochs_run"] == 2
     assert not list(F.cache_dir().glob("*.safetensors"))  # nothing fitted on frozen features
 
 

@@ -66,6 +66,35 @@ def test_optimizer_is_timms_with_layer_decay():
     assert max(g["lr"] for g in opt.param_groups) == pytest.approx(0.5e-3)
 
 
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 1.0])
+def test_head_lr_ratio_scales_the_head_alone(ratio):
+    """head_lr_ratio multiplies the head's lr (on top of layer decay) and nothing else's; at 0 a real
+    AdamW step leaves the head exactly as it was while the method's tensors move."""
+    model = pv.inject(make_model("vit"), "lora", init="pissa")  # B != 0: every LoRA tensor gets a gradient
+    state = pv.get_state(model)
+    opt = build_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.05, layer_decay=0.5, head_lr_ratio=ratio))
+    scale_of = {id(p): g.get("lr_scale", 1.0) for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert set(state.head_names) and all(scale_of[id(named[n])] == pytest.approx(ratio) for n in state.head_names)
+    depth = len(model.blocks)
+    for name in state.trainable_names:
+        if name not in state.head_names:
+            assert scale_of[id(named[name])] == pytest.approx(0.5 ** (depth - int(name.split(".")[1]))), name
+    build_scheduler(opt, 0, 10)  # timm's scheduler applies lr_scale, as in training
+    before = {n: named[n].detach().clone() for n in state.trainable_names}
+    model.train()
+    torch.nn.functional.cross_entropy(model(make_input("vit")), torch.tensor([0, 1])).backward()
+    opt.step()
+    moved = {n for n in state.trainable_names if not torch.equal(before[n], named[n])}
+    assert moved - set(state.head_names), "the method's tensors learn"
+    assert (set(state.head_names) <= moved) == (ratio > 0), "the head moves unless its ratio is 0"
+
+
+def test_head_lr_ratio_is_checked():
+    with pytest.raises(ConfigError, match="head_lr_ratio"):
+        TrainConfig(head_lr_ratio=-1)
+
+
 @pytest.mark.parametrize("name", ["sgd", "lamb", "lion"])
 def test_any_timm_optimizer_by_name(name):
     model = pv.inject(make_model("vit"), "lora")

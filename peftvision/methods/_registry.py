@@ -67,6 +67,11 @@ class Method:
     # says otherwise (`head_init`): on real photos of 60-800 images it beat a random head for LoRA
     # (benchmarks/RESULTS.md, regime table); a method that measures worse with it sets False
     probe_head: ClassVar[bool] = True
+    # the head's lr as a fraction of the run's when it starts from a probe (`head_lr_ratio`). A probe head
+    # already fits the frozen features, so its gradients are small; AdamW normalises them and moves every
+    # head weight by about lr a step anyway, which on a few dozen photos is noise added to a fitted head.
+    # 1: the head trains with the rest; 0: the probe's head is kept and the method learns features for it
+    probe_head_lr_ratio: ClassVar[float] = 1.0
     trains_base_weights: ClassVar[bool] = False  # unfreezes weights of the base rather than adding modules
     # nothing but the head trains: with a probe head the run is one convex fit that picks its own L2,
     # so lr and weight decay do not apply (compare's search runs one point, not the whole grid)

@@ -86,13 +86,16 @@ def prepare(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor
     get_method(state.method).prepare(unwrap(model), state.backbone, state.config, batches)
 
 
-def lr_multipliers(model: nn.Module) -> dict[str, float]:
-    """{parameter name: factor on the lr} the injected method asks for (LoRA+: B learns faster); empty
-    for most methods and for a plain model."""
+def lr_multipliers(model: nn.Module, head_lr_ratio: float = 1.0) -> dict[str, float]:
+    """{parameter name: factor on the lr} the injected method asks for (LoRA+: B learns faster), and
+    `head_lr_ratio` on the head's parameters; empty for most methods and for a plain model."""
     state = get_state(model)
     if state is None:
         return {}
-    return get_method(state.method).lr_multipliers(unwrap(model), state.backbone, state.config)
+    factors = dict(get_method(state.method).lr_multipliers(unwrap(model), state.backbone, state.config))
+    if head_lr_ratio != 1:
+        factors.update({name: float(head_lr_ratio) for name in state.head_names})
+    return factors
 
 
 def enable_grad_checkpointing(model: nn.Module) -> None:

@@ -459,6 +459,11 @@ class _VPT(Method):
     embedded_lr = 3e-2  # on the embedded 32-px backbones (benchmarks/default-lr.md)
     identity_at_init = False  # ungated prompts join the attention from the first step (`starts_as_base`)
     saved_defaults = {"gate": False}  # adapter files written before the gate existed are ungated
+    # after a probe start the head learns at lr x 0.1: the prompts move the features off the probe's
+    # slowly, and a head at full lr mostly added noise (real photos, benchmarks/RESULTS.md: 7 regimes x 3
+    # seeds, 92.0 mean vs 91.5 at 1; 60 photos, 10 seeds: 97.4 vs 96.1, the probe 97.7; a frozen head, 0,
+    # lost 0.6 on seed 0's mean)
+    probe_head_lr_ratio = 0.1
 
     def expected_params(self, model: nn.Module, backbone: Backbone, config: VPTConfig) -> int:
         """num_tokens x width at the input (shallow), or before every block at that block's width (deep);

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import Interrupted, PeftVisionError
+from ..errors import ConfigError, Interrupted, PeftVisionError
 from .config import TrainConfig, resolve_config
 from .loop import LoopState
 
@@ -144,7 +144,13 @@ def _run(
     # un-augmented features would ignore the flag (with other methods the probe is only the start)
     probe_first = probe_first and not (head_only and cfg.augment)
     head_init = cfg.head_init if cfg.head_init != "auto" else ("probe" if probe_first else "random")
-    probe: dict[str, Any] = {"init": head_init}
+    # the head's lr: the method's own after a probe start (VPT's is 0.1: Method.probe_head_lr_ratio), else the run's
+    head_lr_ratio = cfg.head_lr_ratio if cfg.head_lr_ratio is not None else (
+        get_method(cfg.method).probe_head_lr_ratio if head_init == "probe" else 1.0)
+    if head_only and head_init != "probe" and head_lr_ratio == 0:
+        raise ConfigError(f"--head-lr-ratio 0 leaves nothing to train: {cfg.method} trains only the head")
+    cfg = dataclasses.replace(cfg, head_lr_ratio=head_lr_ratio)
+    probe: dict[str, Any] = {"init": head_init, "lr_ratio": head_lr_ratio}
     features: dict[str, Any] = {}
     # the method's data-aware step (a no-op for most; a resumed run has it in its checkpoint). A method
     # that changes the base's outputs from the start (prompts) prepares first, so the probe sees the

@@ -33,7 +33,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     It takes only trainable tensors and keeps weight decay off 1-d tensors, biases and the model's own
     `no_weight_decay()` list (position embeddings, class token); `cfg.layer_decay` scales block i's lr by
     decay^(depth - i) through timm's `group_matcher`, the head and anything outside the blocks at full lr.
-    A method's own lr multipliers (`Method.lr_multipliers`, e.g. LoRA+) multiply on top, per parameter.
+    A method's own lr multipliers (`Method.lr_multipliers`, e.g. LoRA+) multiply on top, per parameter, and
+    `cfg.head_lr_ratio` on the head (None counts as 1; `finetune` resolves it for the method).
     """
     from timm.optim import create_optimizer_v2
 
@@ -41,7 +42,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         raise ConfigError("lr is unset: resolve the config first (peftvision.training.finetune.resolve_config fills the method's)")
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("the model has no trainable parameters: inject a method first")
-    multipliers = lr_multipliers(model)
+    multipliers = lr_multipliers(model, 1.0 if cfg.head_lr_ratio is None else cfg.head_lr_ratio)
     try:
         return create_optimizer_v2(
             _scaled_groups(model, cfg, multipliers) if multipliers else model, opt=cfg.optimizer, lr=cfg.lr,
