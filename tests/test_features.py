@@ -186,6 +186,12 @@ def test_head_lr_ratio_keeps_or_trains_the_probe_head(tmp_path, backbone_checkpo
     kept = finetune(_cfg(tmp_path, backbone_checkpoint, data, "kept", method=method, lr=1e-2, head_lr_ratio=0))
     trained = finetune(_cfg(tmp_path, backbone_checkpoint, data, "trained", method=method, lr=1e-2, head_lr_ratio=1))
     assert kept["head_init"]["lr_ratio"] == 0 and trained["head_init"]["lr_ratio"] == 1
+    from peftvision.ui import _head_start  # the summary's "head start" line says it
+
+    assert _head_start(kept["head_init"]).endswith("; kept as fitted (head lr 0)")
+    assert _head_start(trained["head_init"]) == trained["head_init"]["about"]
+    ratio = own["head_init"]["lr_ratio"]
+    assert _head_start(own["head_init"]).endswith(f"; head lr x {ratio:g}") == (ratio not in (0, 1))
     a, b = _head(tmp_path / "kept", backbone_checkpoint), _head(tmp_path / "trained", backbone_checkpoint)
     assert all(torch.allclose(probe[k], a[k], atol=1e-6) for k in probe), "the probe's head, kept"
     assert not torch.allclose(probe["head.weight"], b["head.weight"], atol=1e-4)

@@ -137,7 +137,8 @@ def test_default_run_uses_the_shipped_backbone_and_task(tmp_path, monkeypatch):
     assert metrics["test_top1"] > 25, metrics  # chance is 10%
 
 
-@pytest.mark.parametrize("optim", [{}, {"optimizer": "lamb", "layer_decay": 0.65}], ids=["adamw", "lamb-layer-decay"])
+@pytest.mark.parametrize("optim", [{}, {"optimizer": "lamb", "layer_decay": 0.65}, {"head_lr_ratio": 0.1}],
+                         ids=["adamw", "lamb-layer-decay", "head-lr-ratio"])
 def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, backbone_checkpoint, optim):
     # two epochs, interrupted after the first: the resumed second must match the uninterrupted one
     base = TrainConfig(method="lora", model="pv_vit_tiny_32", checkpoint=backbone_checkpoint, epochs=2, batch_size=100, num_workers=0, quiet=True, max_test=200,
