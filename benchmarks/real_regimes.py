@@ -239,6 +239,7 @@ def plot(results: list[dict[str, Any]], path: Path, runs: list[str]) -> None:
 
     regimes = [r for r in REGIMES if any(x["regime"] == r for x in results)]
     fig, ax = plt.subplots(figsize=(10, 5))
+    colors = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors  # no two runs share a colour
     for i, run in enumerate(runs):
         xs, ys, es = [], [], []
         for j, reg in enumerate(regimes):
@@ -248,7 +249,8 @@ def plot(results: list[dict[str, Any]], path: Path, runs: list[str]) -> None:
                 xs.append(j + (i - len(runs) / 2) * 0.06)
                 ys.append(m)
                 es.append(s)
-        ax.errorbar(xs, ys, yerr=es, fmt="s--" if run.startswith("plain-") else "o-", capsize=2, label=run, alpha=0.85)
+        ax.errorbar(xs, ys, yerr=es, fmt="s--" if run.startswith("plain-") else "o-", capsize=2, label=run, alpha=0.85,
+                    color=colors[i % len(colors)])
     ax.set_xticks(range(len(regimes)), regimes, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("test top-1 (%), mean ± std over seeds (see the table)")
     ax.set_title(f"{MODEL} (real) on real photos: regimes of size and layout")

@@ -89,6 +89,7 @@ class DoRA(LoRA):
     default_lr = 3e-3  # LoRA's: the magnitude starts at the rows' norms and the direction as LoRA's
     embedded_lr = 1e-2  # on the embedded 32-px backbones (benchmarks/default-lr.md)
     layer_cls = DoRALinear
+    probe_head_lr_ratio = 1.0  # the head at the run's lr: a slower head is measured for LoRA, not for DoRA
     examples = (dict(r=4, targets=("q", "k", "v", "proj", "fc2")), dict(targets=("qkv",)))
 
     def expected_params(self, model: nn.Module, backbone: Backbone, config: DoRAConfig) -> int:

@@ -58,7 +58,8 @@ class TrainConfig:
                                   "random (timm's init); auto: the method's own choice (probe for most; for the "
                                   "linear method the probe is its whole training)", choices=("auto", "probe", "random"))
     head_lr_ratio: float | None = option(None, "the head's lr as a fraction of lr; empty: the method's own when the head "
-                                             "starts from a probe (1 for most, 0 for vpt-deep, 0.1 for vpt-shallow), else 1; 0 keeps the probe's head")
+                                             "starts from a probe (0 for adapter and vpt-deep, 0.1 for lora and "
+                                             "vpt-shallow, 1 for the rest), else 1; 0 keeps the probe's head")
     grad_checkpointing: bool = option(False, "recompute activations in backward: ViT-S 35-62% less memory, 1.3-1.5x time")
     seed: int = option(0, "model init, data order, and the draw of the val slice / VTAB-1k splits")
     patience: int | None = option(None, "early stopping after this many epochs without a better val top-1")
