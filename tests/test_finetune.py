@@ -137,13 +137,15 @@ def test_default_run_uses_the_shipped_backbone_and_task(tmp_path, monkeypatch):
     assert metrics["test_top1"] > 25, metrics  # chance is 10%
 
 
-@pytest.mark.parametrize("optim", [{}, {"optimizer": "lamb", "layer_decay": 0.65}, {"head_lr_ratio": 0.1}],
-                         ids=["adamw", "lamb-layer-decay", "head-lr-ratio"])
+# LoRA's default already scales its head (probe_head_lr_ratio 0.1): ratio 1 covers the optimizer without that group
+@pytest.mark.parametrize("optim", [{}, {"optimizer": "lamb", "layer_decay": 0.65}, {"head_lr_ratio": 1.0}],
+                         ids=["adamw-head-lr-0.1", "lamb-layer-decay", "head-lr-1"])
 def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, backbone_checkpoint, optim):
     # two epochs, interrupted after the first: the resumed second must match the uninterrupted one
     base = TrainConfig(method="lora", model="pv_vit_tiny_32", checkpoint=backbone_checkpoint, epochs=2, batch_size=100, num_workers=0, quiet=True, max_test=200,
                        options={"dropout": 0.1}, **optim)
     full = finetune(dataclasses.replace(base, output=str(tmp_path / "full")))
+    assert full["head_init"]["lr_ratio"] == optim.get("head_lr_ratio", pv.get_method("lora").probe_head_lr_ratio)
 
     def interrupt_after_first(state):
         if state.epoch == 1:

@@ -144,7 +144,7 @@ def _run(
     # un-augmented features would ignore the flag (with other methods the probe is only the start)
     probe_first = probe_first and not (head_only and cfg.augment)
     head_init = cfg.head_init if cfg.head_init != "auto" else ("probe" if probe_first else "random")
-    # the head's lr: the method's own after a probe start (Method.probe_head_lr_ratio: vpt-deep keeps it), else the run's
+    # the head's lr: the method's own after a probe start (Method.probe_head_lr_ratio; 0 keeps the probe's head), else the run's
     head_lr_ratio = cfg.head_lr_ratio if cfg.head_lr_ratio is not None else (
         get_method(cfg.method).probe_head_lr_ratio if head_init == "probe" else 1.0)
     if head_only and head_init != "probe" and head_lr_ratio == 0:
