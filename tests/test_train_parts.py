@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import subprocess
 import sys
@@ -93,6 +94,20 @@ def test_head_lr_ratio_scales_the_head_alone(ratio):
 def test_head_lr_ratio_is_checked():
     with pytest.raises(ConfigError, match="head_lr_ratio"):
         TrainConfig(head_lr_ratio=-1)
+
+
+def test_head_lr_ratio_help_names_every_methods_own_ratio():
+    """The flag's help is written by hand (the CLI builds it without importing torch or the methods), so
+    it has to say what the registry says: each ratio other than 1, with the methods that take it."""
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == "head_lr_ratio")
+    help_text = " ".join(field.metadata["help"].split())
+    by_ratio: dict[float, list[str]] = {}
+    for name in pv.list_methods():
+        method = pv.get_method(name)
+        if method.probe_head and method.probe_head_lr_ratio != 1.0:
+            by_ratio.setdefault(method.probe_head_lr_ratio, []).append(name)
+    said = ", ".join(f"{r:g} for {' and '.join(sorted(names))}" for r, names in sorted(by_ratio.items()))
+    assert f"({said}, 1 for the rest)" in help_text
 
 
 @pytest.mark.parametrize("name", ["sgd", "lamb", "lion"])
