@@ -96,6 +96,12 @@ LIKE_245 = {r.name: r for r in (
     Regime("animal-object-245", ANIMAL_OBJECT, 245),
 )}
 ALL_REGIMES = {**REGIMES, **LIKE_245}
+GROUPS = {"all": REGIMES, "like-245": LIKE_245}
+
+
+def regime_names(spec: str) -> list[str]:
+    """`--regimes`: a group name (all, like-245) or a comma list of regime names."""
+    return list(GROUPS[spec]) if spec in GROUPS else spec.split(",")
 METHODS = "lora,adapter,vpt-deep,linear,full"
 PEERS = "plain-lora,plain-linear,plain-full"
 
@@ -299,8 +305,7 @@ def main() -> int:
         for extra in args.also:
             results += json.loads(extra.read_text())["runs"]
         if args.regimes != "all":
-            keep = list(LIKE_245) if args.regimes == "like-245" else args.regimes.split(",")
-            results = [x for x in results if x["regime"] in keep]
+            results = [x for x in results if x["regime"] in regime_names(args.regimes)]
         print(table(results, [r for r in runs if any(x["run"] == r for x in results)] or None))
         if args.plot:
             plot(results, args.plot, [r for r in runs if any(x["run"] == r for x in results)])
@@ -310,9 +315,9 @@ def main() -> int:
         return 2
     import torch
 
-    names = list({"all": REGIMES, "like-245": LIKE_245}.get(args.regimes, {})) or args.regimes.split(",")
+    names = regime_names(args.regimes)
     if unknown := [n for n in names if n not in ALL_REGIMES]:
-        print(f"unknown regime(s) {', '.join(unknown)}; known: all, like-245, {', '.join(ALL_REGIMES)}", file=sys.stderr)
+        print(f"unknown regime(s) {', '.join(unknown)}; known: {', '.join([*GROUPS, *ALL_REGIMES])}", file=sys.stderr)
         return 2
     machine = {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__}
     for seed in (int(s) for s in args.seeds.split(",")):
