@@ -160,7 +160,9 @@ def _head_start(head_init: dict[str, Any]) -> str:
     trains = "" if ratio == 1 else ("; kept as fitted (head lr 0)" if ratio == 0 else f"; head lr x {ratio:g}")
     if head_init.get("init") != "probe":
         return "random (timm's init)" + trains
-    return (head_init.get("about") or "linear probe on the frozen features") + trains
+    scale = head_init.get("scale", 1.0)
+    softened = "" if scale == 1 else f"; its logits x {scale:g}"
+    return (head_init.get("about") or "linear probe on the frozen features") + softened + trains
 
 
 class GracefulInterrupt:

@@ -173,6 +173,22 @@ def test_lp_ft_starts_the_head_from_the_probe(tmp_path, backbone_checkpoint):
     assert any(e["event"] == "probe" for e in log)
 
 
+def test_probe_head_scale_softens_the_start_and_keeps_its_predictions(tmp_path, backbone_checkpoint):
+    """--probe-head-scale: the run's head starts at the probe's times the scale (a step too small to
+    move anything shows the start), so every prediction is the probe's; a probe-only run ignores it."""
+    data = tmp_path / "photos"
+    _photos(data)
+    probe = finetune(_cfg(tmp_path, backbone_checkpoint, data, "probe", method="linear", probe_head_scale=0.5))
+    soft = finetune(_cfg(tmp_path, backbone_checkpoint, data, "soft", method="lora", lr=1e-12, probe_head_scale=0.5))
+    assert "scale" not in probe["head_init"] and soft["head_init"]["scale"] == 0.5
+    a, b = _head(tmp_path / "probe", backbone_checkpoint), _head(tmp_path / "soft", backbone_checkpoint)
+    assert all(torch.allclose(0.5 * a[k], b[k], atol=1e-5) for k in a)
+    assert soft["test_top1"] == pytest.approx(probe["test_top1"])
+    from peftvision.ui import _head_start
+
+    assert "; its logits x 0.5" in _head_start(soft["head_init"])
+
+
 @pytest.mark.parametrize("method", ["vpt-deep", "lora"])
 def test_head_lr_ratio_keeps_or_trains_the_probe_head(tmp_path, backbone_checkpoint, method):
     """The method's own head lr after a probe start applies when the run sets none; at 0 the kept head

@@ -13,6 +13,7 @@ from peftvision.training.probe import (
     extract_features,
     fit_probe,
     head_linear,
+    scale_head,
     set_head,
 )
 from peftvision.training.selection import MIN_SELECTION_IMAGES, choose_selection
@@ -129,3 +130,27 @@ def test_probe_head_reproduces_its_own_logits_in_the_model():
     set_head(head, fit)
     with torch.no_grad():
         assert torch.allclose(model(x), feats @ fit.weight.T + fit.bias, atol=1e-4)
+
+
+def test_scaled_probe_head_keeps_every_prediction_and_scales_the_logits():
+    """probe_head_scale: a zero-init method's model computes head(features), so scaling the head's weights
+    and bias scales its logits exactly; the argmax (the probe's predictions) is unchanged."""
+    import peftvision as pv
+    from conftest import make_input, make_model
+
+    model = pv.inject(make_model("vit"), "lora").eval()
+    x = make_input("vit")
+    with torch.no_grad():
+        before = model(x)
+        scale_head(model, 0.3)
+        after = model(x)
+    assert torch.allclose(after, 0.3 * before, atol=1e-6) and torch.equal(after.argmax(1), before.argmax(1))
+
+
+def test_probe_head_scale_is_checked():
+    from peftvision.errors import ConfigError
+    from peftvision.training.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="probe_head_scale"):
+        TrainConfig(probe_head_scale=0)
+    assert TrainConfig().probe_head_scale == 1  # not a default: measured, not adopted (RESULTS.md)

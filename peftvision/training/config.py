@@ -60,6 +60,9 @@ class TrainConfig:
     head_lr_ratio: float | None = option(None, "the head's lr as a fraction of lr; empty: the method's own when the head "
                                              "starts from a probe (0 for adapter and vpt-deep, 0.1 for lora and "
                                              "vpt-shallow, 1 for the rest), else 1; 0 keeps the probe's head")
+    probe_head_scale: float = option(1.0, "after a probe start the head's weights and bias times this: the probe's "
+                                         "predictions, softer confidences (measured for LoRA at 0.3, not adopted: "
+                                         "benchmarks/RESULTS.md)")
     grad_checkpointing: bool = option(False, "recompute activations in backward: ViT-S 35-62% less memory, 1.3-1.5x time")
     seed: int = option(0, "model init, data order, and the draw of the val slice / VTAB-1k splits")
     patience: int | None = option(None, "early stopping after this many epochs without a better val top-1")
@@ -101,6 +104,7 @@ class TrainConfig:
             (self.head_init in ("auto", "probe", "random"), "head_init must be auto, probe or random"),
             (self.feature_cache in ("disk", "off"), "feature_cache must be disk or off"),
             (self.head_lr_ratio is None or self.head_lr_ratio >= 0, "head_lr_ratio must be >= 0"),
+            (self.probe_head_scale > 0, "probe_head_scale must be > 0"),
         ]
         for ok, message in checks:
             if not ok:

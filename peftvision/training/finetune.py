@@ -108,7 +108,7 @@ def _run(
     from ..methods.freeze import get_state, param_report
     from ..methods.inject import enable_grad_checkpointing, inject
     from ..ui import Progress
-    from .probe import probe_head
+    from .probe import probe_head, scale_head
     from .loop import train
     from .report import write_history
     from .selection import choose_selection
@@ -149,8 +149,12 @@ def _run(
         get_method(cfg.method).probe_head_lr_ratio if head_init == "probe" else 1.0)
     if head_only and head_init != "probe" and head_lr_ratio == 0:
         raise ConfigError(f"--head-lr-ratio 0 leaves nothing to train: {cfg.method} trains only the head")
+    # a softened probe start (--probe-head-scale): the same predictions, smaller logits; a probe-only run's head is the fit itself
+    head_scale = cfg.probe_head_scale if head_init == "probe" and not head_only else 1.0
     cfg = dataclasses.replace(cfg, head_lr_ratio=head_lr_ratio)
     probe: dict[str, Any] = {"init": head_init, "lr_ratio": head_lr_ratio}
+    if head_scale != 1:
+        probe["scale"] = head_scale
     features: dict[str, Any] = {}
     # the method's data-aware step (a no-op for most; a resumed run has it in its checkpoint). A method
     # that changes the base's outputs from the start (prompts) prepares first, so the probe sees the
@@ -163,6 +167,8 @@ def _run(
         cache = cfg.feature_cache == "disk" and (head_only or get_method(cfg.method).starts_as_base(state.config))
         probe.update(probe_head(model, task, cfg, resize, accelerator, cache, with_test=head_only))
         features = probe.pop("features")
+        if head_scale != 1:
+            scale_head(model, head_scale)
         log("probe", **probe)
     if head_only and head_init == "probe":  # a convex problem solved: there is nothing left to train
         return _finish(cfg, accelerator, output, task, model, loaders, selection, splits, report, probe,

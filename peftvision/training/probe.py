@@ -164,6 +164,15 @@ def set_head(head: nn.Linear, fit: ProbeFit) -> None:
             raise ValueError("the head has no bias to hold the probe's")
 
 
+def scale_head(model: nn.Module, scale: float) -> None:
+    """Multiply the head's logits by `scale` (weights and bias): the same argmax, a softer start."""
+    from ..methods.freeze import get_state
+
+    with torch.no_grad():
+        for p in head_linear(model, get_state(model).backbone.head_names).parameters():
+            p.mul_(scale)
+
+
 def describe_fit(fit: ProbeFit) -> str:
     return (f"linear probe: L2 {fit.l2:.0e} chosen on {fit.chosen_on} (held-out top-1 {fit.held_out_top1:.1f}%, "
             f"loss {fit.held_out_loss:.3f})")
