@@ -102,6 +102,8 @@ GROUPS = {"all": REGIMES, "like-245": LIKE_245}
 def regime_names(spec: str) -> list[str]:
     """`--regimes`: a group name (all, like-245) or a comma list of regime names."""
     return list(GROUPS[spec]) if spec in GROUPS else spec.split(",")
+
+
 METHODS = "lora,adapter,vpt-deep,linear,full"
 PEERS = "plain-lora,plain-linear,plain-full"
 
@@ -305,7 +307,8 @@ def main() -> int:
         for extra in args.also:
             results += json.loads(extra.read_text())["runs"]
         if args.regimes != "all":
-            results = [x for x in results if x["regime"] in regime_names(args.regimes)]
+            keep = set(regime_names(args.regimes))
+            results = [x for x in results if x["regime"] in keep]
         print(table(results, [r for r in runs if any(x["run"] == r for x in results)] or None))
         if args.plot:
             plot(results, args.plot, [r for r in runs if any(x["run"] == r for x in results)])
